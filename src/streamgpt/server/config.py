@@ -1,0 +1,121 @@
+"""Typed schemas of the server's config (`conf/serve.yaml`, `conf/source/*.yaml`).
+
+Registered in Hydra's ConfigStore, so a misspelt key or a value of the wrong type fails when the
+config is composed, naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class SourceConfig:
+    name: str = MISSING
+    # Held-out documents: an exact count, or a fraction of the documents (count wins if both).
+    validation_docs: int | None = None
+    validation_fraction: float | None = None
+    # Documents with fewer words are skipped (EIR's reference server skips FineWeb pages under 20).
+    min_words: int = 1
+
+
+@dataclass
+class ShakespeareSourceConfig(SourceConfig):
+    name: str = "shakespeare"
+    validation_docs: int | None = 4
+
+
+@dataclass
+class FilesSourceConfig(SourceConfig):
+    name: str = "files"
+    # Folders (searched recursively), files or globs of .txt, .jsonl and .parquet.
+    paths: list[str] = MISSING
+    text_field: str = "text"
+    # A field/column holding a unique document id; null keys documents by file and line/row.
+    id_field: str | None = None
+    validation_fraction: float | None = 0.01
+
+
+@dataclass
+class FineWebSourceConfig(SourceConfig):
+    name: str = "fineweb"
+    path: str = "HuggingFaceFW/fineweb"
+    config_name: str | None = "sample-10BT"
+    revision: str | None = None
+    # Local files instead of the hub: path=parquet data_files=[...] (FineWeb's own columns).
+    data_files: list[str] | None = None
+    split: str = "train"
+    text_field: str = "text"
+    id_field: str | None = "id"
+    min_words: int = 20
+    validation_fraction: float | None = 0.01
+    shuffle_window: int = 1024
+    # Units dealt to consumers: whole data files, or parquet row groups (many more units).
+    shard_by: str = "file"
+
+
+@dataclass
+class ChunkConfig:
+    words: int = 512
+    eot_marker: str = "<|endoftext|>"
+    whitespace: str = "preserve"
+
+
+@dataclass
+class EndConfig:
+    # null: endless. Consumers end after epoch max_epochs-1; the shared (core) stream after
+    # max_epochs complete passes. max_samples is split across a run's consumers.
+    max_epochs: int | None = None
+    max_samples: int | None = None
+
+
+@dataclass
+class LimitsConfig:
+    max_frame_bytes: int = 4 << 20
+    max_batch_size: int = 4096
+    max_connections: int = 256
+    # EIR's client does not answer pings while it validates or samples, so a peer is judged by
+    # its messages: one silent this long is dropped. EIR's reference server allows 3600 s.
+    idle_timeout_s: float = 3600.0
+    # setValidationIds accumulates (see app.py); this bounds the memory it can take.
+    max_validation_ids: int = 1_000_000
+
+
+@dataclass
+class AuthConfig:
+    # Name of the environment variable holding the bearer token (never the token itself, so it
+    # stays out of saved configs and logs). Unset or empty variable: no auth.
+    token_env: str | None = "STREAMGPT_TOKEN"
+    # Allowed Origin headers (browsers send one; other clients do not, and are always allowed).
+    origins: list[str] | None = None
+
+
+@dataclass
+class ServeConfig:
+    source: Any = MISSING
+    host: str = "127.0.0.1"
+    port: int = 8000
+    path: str = "/ws"
+    # Shuffle seed of the shared stream that core-protocol clients (EIR) read.
+    seed: int = 0
+    output_name: str = "text_output"
+    chunk: ChunkConfig = field(default_factory=ChunkConfig)
+    end: EndConfig = field(default_factory=EndConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    log_every_s: float = 30.0
+    # Per-message deflate: off by default (it cut throughput ~5x here, and lets a small frame
+    # inflate into a huge one).
+    compression: bool = False
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="serve_schema", node=ServeConfig)
+    cs.store(group="source", name="shakespeare_schema", node=ShakespeareSourceConfig)
+    cs.store(group="source", name="files_schema", node=FilesSourceConfig)
+    cs.store(group="source", name="fineweb_schema", node=FineWebSourceConfig)

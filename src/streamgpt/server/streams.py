@@ -1,0 +1,346 @@
+"""Per-consumer streams of chunks, and the cursors that resume them exactly.
+
+Consumer k of K (k = rank * num_workers + worker) receives a stream that is a pure function of
+(corpus, seed, epoch, k, K, cursor). A cursor is the position after the last chunk handed out;
+a stream rebuilt from it continues with the next chunk, nothing repeated, nothing skipped.
+The core protocol's shared stream is the same thing with k=0, K=1 and the server's seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from streamgpt.server.corpus import (
+    Chunk,
+    IndexedCorpus,
+    ShardedCorpus,
+    chunk_document,
+    key_hash,
+    mix64,
+)
+
+CURSOR_VERSION = 1
+SPLITS = ("train", "validation")
+
+
+class CursorError(ValueError):
+    """A cursor that this server did not issue, or that belongs to another consumer or corpus."""
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    seed: int
+    index: int  # k
+    count: int  # K
+    split: str = "train"
+
+    def describe(self) -> str:
+        if self.split == "validation":
+            return "validation"
+        return f"{self.index}/{self.count} seed={self.seed}"
+
+
+def quota(max_samples: int | None, spec: ConsumerSpec) -> int | None:
+    """Consumer k's share of a configured end of `max_samples` training samples over K consumers."""
+    if max_samples is None or spec.split == "validation":
+        return None
+    base, extra = divmod(max_samples, spec.count)
+    return base + (1 if spec.index < extra else 0)
+
+
+class Stream:
+    """The interface both stream kinds share."""
+
+    blocking_io: bool
+
+    def next_chunk(self) -> Chunk | None:
+        """The next chunk, or None once the stream has reached its end."""
+        raise NotImplementedError
+
+    def cursor(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @property
+    def epoch(self) -> int:
+        raise NotImplementedError
+
+
+def _check_cursor(
+    cursor: Any, fingerprint: str, spec: ConsumerSpec, fields: tuple[str, ...]
+) -> dict:
+    if not isinstance(cursor, dict):
+        raise CursorError(
+            f"cursor must be a JSON object this server sent, got {type(cursor).__name__}"
+        )
+    if cursor.get("v") != CURSOR_VERSION:
+        raise CursorError(f"cursor version {cursor.get('v')!r} is not {CURSOR_VERSION}")
+    if cursor.get("fp") != fingerprint:
+        raise CursorError(
+            "cursor was issued for another corpus or chunking (fingerprint "
+            f"{cursor.get('fp')!r}, this server serves {fingerprint!r}); start without a cursor"
+        )
+    if cursor.get("split") != spec.split:
+        raise CursorError(
+            f"cursor is for split {cursor.get('split')!r}, handshake asks {spec.split!r}"
+        )
+    if spec.split == "train":
+        mine = (spec.seed, spec.index, spec.count)
+        theirs = (cursor.get("seed"), cursor.get("k"), cursor.get("K"))
+        if theirs != mine:
+            raise CursorError(
+                f"cursor belongs to consumer {theirs[1]}/{theirs[2]} seed={theirs[0]}, "
+                f"the handshake says {spec.index}/{spec.count} seed={spec.seed}"
+            )
+    for name in fields:
+        value = cursor.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CursorError(
+                f"cursor field {name!r} must be a non-negative integer, got {value!r}"
+            )
+    return cursor
+
+
+class IndexedStream(Stream):
+    """A consumer's walk through an IndexedCorpus: documents of its share, chunk by chunk."""
+
+    blocking_io = False
+
+    def __init__(
+        self,
+        corpus: IndexedCorpus,
+        spec: ConsumerSpec,
+        *,
+        epoch: int = 0,
+        cursor: Any = None,
+        max_epochs: int | None = None,
+        max_samples: int | None = None,
+    ) -> None:
+        self.corpus = corpus
+        self.spec = spec
+        self.max_epochs = max_epochs if spec.split == "train" else None
+        self.quota = quota(max_samples, spec)
+        self._epoch, self.doc, self.chunk, self.n = epoch, 0, 0, 0
+        if cursor is not None:
+            c = _check_cursor(cursor, corpus.fingerprint, spec, ("epoch", "doc", "chunk", "n"))
+            self._epoch, self.doc, self.chunk, self.n = c["epoch"], c["doc"], c["chunk"], c["n"]
+            if self.doc > len(self._docs()):
+                raise CursorError(f"cursor document {self.doc} is past the end of its epoch")
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def _docs(self) -> np.ndarray:
+        if self.spec.split == "validation":
+            return self.corpus.validation_ids
+        return self.corpus.consumer_docs(
+            self.spec.seed, self._epoch, self.spec.index, self.spec.count
+        )
+
+    def _ended(self) -> bool:
+        if self.quota is not None and self.n >= self.quota:
+            return True
+        return self.max_epochs is not None and self._epoch >= self.max_epochs
+
+    def next_chunk(self) -> Chunk | None:
+        rollovers = 0
+        while not self._ended():
+            docs = self._docs()
+            if self.doc >= len(docs):
+                if self.spec.split == "validation":
+                    return None
+                rollovers += 1
+                if rollovers > 1:
+                    raise RuntimeError(
+                        f"consumer {self.spec.describe()} has no documents in an entire epoch"
+                    )
+                self._epoch, self.doc, self.chunk = self._epoch + 1, 0, 0
+                continue
+            chunks = self.corpus.chunks(int(docs[self.doc]))
+            if self.chunk >= len(chunks):
+                self.doc, self.chunk = self.doc + 1, 0
+                continue
+            self.chunk += 1
+            self.n += 1
+            return chunks[self.chunk - 1]
+        return None
+
+    def cursor(self) -> dict[str, Any]:
+        return {
+            "v": CURSOR_VERSION,
+            "fp": self.corpus.fingerprint,
+            "split": self.spec.split,
+            "seed": self.spec.seed,
+            "k": self.spec.index,
+            "K": self.spec.count,
+            "epoch": self._epoch,
+            "doc": self.doc,
+            "chunk": self.chunk,
+            "n": self.n,
+        }
+
+
+@dataclass
+class _Doc:
+    row: int
+    key: str
+    hash: int
+    text: str
+
+
+class ShardedStream(Stream):
+    """A consumer's walk through a ShardedCorpus.
+
+    Position: epoch, the consumer's unit, the raw row where the current shuffle window starts,
+    the document within the window and the chunk within the document. Resuming re-reads the unit
+    from the window's first row and rebuilds the same window.
+    """
+
+    blocking_io = True
+
+    def __init__(
+        self,
+        corpus: ShardedCorpus,
+        spec: ConsumerSpec,
+        *,
+        epoch: int = 0,
+        cursor: Any = None,
+        max_epochs: int | None = None,
+        max_samples: int | None = None,
+    ) -> None:
+        self.corpus = corpus
+        self.spec = spec
+        self.max_epochs = max_epochs if spec.split == "train" else None
+        self.quota = quota(max_samples, spec)
+        self._epoch, self.unit, self.row, self.pos, self.chunk, self.n = epoch, 0, 0, 0, 0, 0
+        if cursor is not None:
+            fields = ("epoch", "unit", "row", "pos", "chunk", "n")
+            c = _check_cursor(cursor, corpus.fingerprint, spec, fields)
+            self._epoch, self.unit, self.row = c["epoch"], c["unit"], c["row"]
+            self.pos, self.chunk, self.n = c["pos"], c["chunk"], c["n"]
+        self._units = self._epoch_units()
+        if self.unit > len(self._units):
+            raise CursorError(f"cursor unit {self.unit} is past the end of its epoch")
+        self._window: list[_Doc] | None = None
+        self._window_end = 0  # raw row after the last row the window examined
+        self._rows: Iterator[tuple[int, str, str]] | None = None
+        self._rows_at = -1  # raw row the open reader yields next
+        self._chunks: list[Chunk] | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def _epoch_units(self) -> list[tuple[int, int, int]]:
+        if self.spec.split == "validation":
+            return [(u, 0, 1) for u in range(len(self.corpus.units))]
+        s = self.spec
+        return self.corpus.consumer_units(s.seed, self._epoch, s.index, s.count)
+
+    def _ended(self) -> bool:
+        if self.quota is not None and self.n >= self.quota:
+            return True
+        return self.max_epochs is not None and self._epoch >= self.max_epochs
+
+    def _load_window(self) -> list[_Doc]:
+        unit, share, shares = self._units[self.unit]
+        if self._rows is None or self._rows_at != self.row:
+            self._rows = self.corpus.read_unit(unit, self.row)
+            self._rows_at = self.row
+        want_validation = self.spec.split == "validation"
+        docs: list[_Doc] = []
+        end = self.row
+        for row, key, text in self._rows:
+            end = row + 1
+            if row % shares != share:
+                continue
+            h = key_hash(key)
+            if self.corpus.is_validation(h) != want_validation or not self.corpus.keeps(text):
+                continue
+            docs.append(_Doc(row, key, h, text))
+            if len(docs) == self.corpus.window:
+                break
+        else:
+            self._rows = None
+        self._rows_at = end
+        self._window_end = end
+        if not want_validation and len(docs) > 1:
+            salt = np.uint64(key_hash(f"order:{self.spec.seed}:{self._epoch}"))
+            mixed = mix64(np.array([d.hash for d in docs], dtype=np.uint64) ^ salt)
+            docs = [docs[i] for i in np.argsort(mixed, kind="stable")]
+        return docs
+
+    def next_chunk(self) -> Chunk | None:
+        rollovers = 0
+        while not self._ended():
+            if self.unit >= len(self._units):
+                if self.spec.split == "validation":
+                    return None
+                rollovers += 1
+                if rollovers > 1:
+                    raise RuntimeError(
+                        f"consumer {self.spec.describe()} has no documents in an entire epoch"
+                    )
+                self._epoch += 1
+                self._units = self._epoch_units()
+                self.unit, self.row, self.pos, self.chunk = 0, 0, 0, 0
+                self._window, self._rows, self._chunks = None, None, None
+                continue
+            if self._window is None:
+                self._window = self._load_window()
+                if not self._window:
+                    self.unit, self.row, self.pos, self.chunk = self.unit + 1, 0, 0, 0
+                    self._window, self._rows = None, None
+                    continue
+            if self.pos >= len(self._window):
+                self.row, self.pos, self.chunk = self._window_end, 0, 0
+                self._window, self._chunks = None, None
+                continue
+            if self._chunks is None:
+                doc = self._window[self.pos]
+                self._chunks = self._chunks_of(doc)
+            if self.chunk >= len(self._chunks):
+                self.pos, self.chunk, self._chunks = self.pos + 1, 0, None
+                continue
+            self.chunk += 1
+            self.n += 1
+            return self._chunks[self.chunk - 1]
+        return None
+
+    def _chunks_of(self, doc: _Doc) -> list[Chunk]:
+        return chunk_document(doc.key, doc.text, self.corpus.chunking, self.corpus.encoder)
+
+    def cursor(self) -> dict[str, Any]:
+        return {
+            "v": CURSOR_VERSION,
+            "fp": self.corpus.fingerprint,
+            "split": self.spec.split,
+            "seed": self.spec.seed,
+            "k": self.spec.index,
+            "K": self.spec.count,
+            "epoch": self._epoch,
+            "unit": self.unit,
+            "row": self.row,
+            "pos": self.pos,
+            "chunk": self.chunk,
+            "n": self.n,
+        }
+
+
+def open_stream(
+    corpus: IndexedCorpus | ShardedCorpus,
+    spec: ConsumerSpec,
+    *,
+    epoch: int = 0,
+    cursor: Any = None,
+    max_epochs: int | None = None,
+    max_samples: int | None = None,
+) -> Stream:
+    kind = IndexedStream if isinstance(corpus, IndexedCorpus) else ShardedStream
+    return kind(
+        corpus, spec, epoch=epoch, cursor=cursor, max_epochs=max_epochs, max_samples=max_samples
+    )

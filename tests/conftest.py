@@ -1,0 +1,139 @@
+"""Shared fixtures: real stream servers on free loopback ports, corpora, protocol clients."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from websockets.sync.client import ClientConnection, connect
+
+from streamgpt.server import StreamServer
+from streamgpt.server.config import FineWebSourceConfig, ShakespeareSourceConfig
+from streamgpt.server.corpus import Chunking, IndexedCorpus, SampleEncoder
+from streamgpt.server.sources import build_corpus
+
+from .corpora import write_fineweb_parquet
+
+
+class RunningServer:
+    """A StreamServer on its own event loop in a background thread, listening on a free port."""
+
+    def __init__(self, server: StreamServer) -> None:
+        self.server = server
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.call(server.start())
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def call(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.call(self.server.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> IndexedCorpus:
+    return build_corpus(ShakespeareSourceConfig(), Chunking())
+
+
+@pytest.fixture(scope="session")
+def fineweb_files(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("fineweb")
+    return write_fineweb_parquet(folder, files=3, docs_per_file=120)
+
+
+@pytest.fixture(scope="session")
+def fineweb(fineweb_files):
+    cfg = FineWebSourceConfig(
+        path="parquet",
+        config_name=None,
+        data_files=[str(p) for p in fineweb_files],
+        shuffle_window=16,
+        validation_fraction=0.1,
+    )
+    return build_corpus(cfg, Chunking(words=64))
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., RunningServer]]:
+    """serve(corpus, **StreamServer options) -> a running server; all are stopped afterwards."""
+    running: list[RunningServer] = []
+
+    def start(corpus, **options) -> RunningServer:
+        options.setdefault("port", 0)
+        server = RunningServer(StreamServer(corpus, **options))
+        running.append(server)
+        return server
+
+    yield start
+    for server in running:
+        server.stop()
+
+
+class Client:
+    """A protocol client on websockets' sync API: JSON in, JSON out."""
+
+    def __init__(self, url: str, **options) -> None:
+        options.setdefault("max_size", None)  # batches of hundreds of samples exceed 1 MiB
+        self.ws: ClientConnection = connect(url, legacy=True, **options)
+
+    def send(self, message: dict | str | bytes) -> None:
+        self.ws.send(orjson.dumps(message).decode() if isinstance(message, dict) else message)
+
+    def recv(self, timeout: float = 10) -> dict:
+        return orjson.loads(self.ws.recv(timeout))
+
+    def ask(self, message: dict | str | bytes, timeout: float = 10) -> dict:
+        self.send(message)
+        return self.recv(timeout)
+
+    def handshake(self, consumer: dict | None = None) -> dict:
+        hello = {"type": "handshake", "version": "1.0", "worker_id": 0}
+        if consumer is not None:
+            hello["consumer"] = consumer
+        reply = self.ask(hello)
+        assert reply["type"] == "handshake", reply
+        return reply
+
+    def data(self, batch_size: int) -> dict:
+        reply = self.ask({"type": "getData", "payload": {"batch_size": batch_size}})
+        assert reply["type"] == "data", reply
+        return reply
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+@pytest.fixture
+def client() -> Iterator[Callable[..., Client]]:
+    opened: list[Client] = []
+
+    def open_client(url: str, consumer: dict | None = None, handshake: bool = True, **options):
+        c = Client(url, **options)
+        opened.append(c)
+        if handshake:
+            c.handshake(consumer)
+        return c
+
+    yield open_client
+    for c in opened:
+        c.close()
+
+
+def ids(reply: dict) -> list[str]:
+    return [s["sample_id"] for s in reply["payload"] if s != "terminate"]
+
+
+__all__ = ["Client", "RunningServer", "SampleEncoder", "ids"]
