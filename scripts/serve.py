@@ -4,8 +4,12 @@ Every option is in conf/serve.yaml and conf/source/; `--help` lists them, `--cfg
 composed config.
 """
 
+import logging
+import sys
+
 import hydra
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from streamgpt.server import run
 from streamgpt.server.config import register_configs
@@ -15,7 +19,18 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    try:
+        run(cfg)
+    except MissingMandatoryValue as e:
+        key = e.full_key
+        logging.getLogger("streamgpt.server").error(
+            "error: %s has no value; set it on the command line, e.g. %s=...", key, key
+        )
+        sys.exit(2)
+    except (ValueError, RuntimeError, OSError) as e:
+        # Errors a user can cause (a bad value, a busy port, no network): one line, no traceback.
+        logging.getLogger("streamgpt.server").error("error: %s", e)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,13 @@ def run(cfg: Any) -> None:
     description = server.corpus.description
 
     async def main() -> None:
-        await server.start()
+        try:
+            await server.start()
+        except OSError as e:
+            raise OSError(
+                f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror}); is another server "
+                "running there? Choose another port with port=... (port=0 picks a free one)"
+            ) from None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

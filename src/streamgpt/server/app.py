@@ -129,6 +129,7 @@ class StreamServer:
             max_size=self.limits.max_frame_bytes,
             origins=origins,
             ping_interval=None,  # peers are judged by their messages: see limits.idle_timeout_s
+            close_timeout=2,  # a peer that stops reading must not hold up a shutdown for long
             server_header=f"streamgpt/{__version__}",
         )
         self.port = self._server.sockets[0].getsockname()[1]
