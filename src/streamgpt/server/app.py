@@ -61,6 +61,7 @@ class Session:
     samples: int = 0
     bytes: int = 0
     opened: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
 
 
 class StreamServer:
@@ -98,7 +99,7 @@ class StreamServer:
         self._info = protocol.info_reply(output_name)
         self._validation_ids: frozenset[str] = frozenset()
         self._numbers = itertools.count(1)
-        self._sessions: set[int] = set()
+        self._connections: set[ServerConnection] = set()
         self._server: Server | None = None
         self._ticker: asyncio.Task | None = None
         self._started = time.monotonic()
@@ -141,12 +142,20 @@ class StreamServer:
         assert self._server is not None, "call start() first"
         await self._server.serve_forever()
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = 3.0) -> None:
+        """Close every connection (1001) and stop listening; at most `grace_s` of waiting."""
         if self._ticker:
             self._ticker.cancel()
         if self._server:
             self._server.close()
-            await self._server.wait_closed()
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), grace_s)
+            except TimeoutError:
+                # A peer that stopped reading leaves its close frame stuck behind a full write
+                # buffer, and websockets waits for that buffer without a deadline: cut it off.
+                for ws in list(self._connections):
+                    ws.transport.abort()
+                await self._server.wait_closed()
 
     # -- HTTP upgrade ------------------------------------------------------------------------
 
@@ -180,26 +189,31 @@ class StreamServer:
 
     # -- connections -------------------------------------------------------------------------
 
-    async def _recv(self, ws: ServerConnection) -> str | bytes:
-        return await asyncio.wait_for(ws.recv(), self.limits.idle_timeout_s)
+    async def _recv(self, ws: ServerConnection, session: Session) -> str | bytes:
+        frame = await ws.recv()
+        session.last_seen = time.monotonic()
+        return frame
+
+    async def _close_when_idle(self, ws: ServerConnection, session: Session) -> None:
+        # A watchdog rather than a timeout around every recv: no timer per message.
+        idle = self.limits.idle_timeout_s
+        while (left := session.last_seen + idle - time.monotonic()) > 0:
+            await asyncio.sleep(left)
+        log.info("connection #%d idle for %g s: closing", session.number, idle)
+        await ws.close(1001, f"idle for {idle:g} s (limits.idle_timeout_s)")
 
     async def _handle(self, ws: ServerConnection) -> None:
         session = Session(next(self._numbers), _peer(ws))
-        self._sessions.add(session.number)
+        self._connections.add(ws)
+        watchdog = asyncio.create_task(self._close_when_idle(ws, session))
         try:
             if await self._open(ws, session):
                 await self._serve(ws, session)
-        except TimeoutError:
-            log.info(
-                "connection #%d idle for %g s: closing", session.number, self.limits.idle_timeout_s
-            )
-            await ws.close(
-                1001, f"idle for {self.limits.idle_timeout_s:g} s (limits.idle_timeout_s)"
-            )
         except ConnectionClosed:
             pass
         finally:
-            self._sessions.discard(session.number)
+            watchdog.cancel()
+            self._connections.discard(ws)
             elapsed = time.monotonic() - session.opened
             log.info(
                 "connection #%d closed: %d samples, %.1f MB in %.1f s",
@@ -213,7 +227,7 @@ class StreamServer:
         """The handshake. False (after an error message and a close) if it fails."""
         try:
             try:
-                first = protocol.decode(await self._recv(ws))
+                first = protocol.decode(await self._recv(ws, session))
             except ProtocolError as e:
                 raise ProtocolError(
                     f"Incompatible protocol version: expected a handshake; {e}"
@@ -275,7 +289,7 @@ class StreamServer:
 
     async def _serve(self, ws: ServerConnection, session: Session) -> None:
         while True:
-            frame = await self._recv(ws)
+            frame = await self._recv(ws, session)
             try:
                 replies = await self._answer(session, protocol.decode(frame))
             except ProtocolError as e:
@@ -359,7 +373,7 @@ class StreamServer:
             "server": f"streamgpt {__version__}",
             "protocol": protocol.PROTOCOL_VERSION,
             "extensions": list(protocol.EXTENSIONS),
-            "active_connections": len(self._sessions),
+            "active_connections": len(self._connections),
             "current_position": core["n"],
             "shared_cursor": core,
             "ended": self._core_ended,
@@ -396,7 +410,7 @@ class StreamServer:
                     ds / dt,
                     db / dt / 1e6,
                     dt,
-                    len(self._sessions),
+                    len(self._connections),
                     self.samples_served,
                 )
             samples, size, then = self.samples_served, self.bytes_served, now
@@ -412,15 +426,17 @@ def _fill(stream: Stream, n: int, exclude: frozenset[str]) -> tuple[list[bytes],
     out: list[bytes] = []
     first_epoch = stream.epoch
     while len(out) < n:
-        chunk = stream.next_chunk()
-        if chunk is None:
+        chunks = stream.take(n - len(out))
+        if not chunks:
             break
-        if chunk.sample_id in exclude:
-            if stream.epoch > first_epoch + 1 and not out:
+        if exclude:
+            kept = [c.payload for c in chunks if c.sample_id not in exclude]
+            if not kept and not out and stream.epoch > first_epoch + 1:
                 raise ProtocolError(
                     f"every sample of an entire epoch is among the {len(exclude)} validation ids "
                     "this server was given (setValidationIds); nothing is left to train on"
                 )
-            continue
-        out.append(chunk.payload)
+            out += kept
+        else:
+            out += [c.payload for c in chunks]
     return out, stream.cursor()

@@ -174,9 +174,16 @@ def info_reply(output_name: str) -> bytes:
 
 
 def data_reply(samples: list[bytes], cursor: dict[str, Any] | None) -> bytes:
-    body = b",".join(samples) if samples else b'"terminate"'
-    tail = b"" if cursor is None else b',"cursor":' + orjson.dumps(cursor)
-    return b'{"type":"data","payload":[' + body + b"]" + tail + b"}"
+    # One join, so a reply of megabytes is allocated and copied once.
+    parts = [b'{"type":"data","payload":[']
+    for sample in samples:
+        parts += (sample, b",")
+    if samples:
+        parts.pop()
+    else:
+        parts.append(b'"terminate"')
+    parts.append(b"]}" if cursor is None else b'],"cursor":' + orjson.dumps(cursor) + b"}")
+    return b"".join(parts)
 
 
 HEARTBEAT = encode({"type": "heartbeat"})

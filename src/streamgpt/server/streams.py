@@ -56,10 +56,24 @@ class Stream:
     """The interface both stream kinds share."""
 
     blocking_io: bool
+    quota: int | None
+    max_epochs: int | None
+    n: int
+
+    def take(self, n: int) -> list[Chunk]:
+        """The next n chunks; fewer only when the stream reaches its end."""
+        raise NotImplementedError
 
     def next_chunk(self) -> Chunk | None:
         """The next chunk, or None once the stream has reached its end."""
-        raise NotImplementedError
+        chunks = self.take(1)
+        return chunks[0] if chunks else None
+
+    def _room(self, wanted: int) -> int:
+        """How many of `wanted` more chunks the configured end still allows."""
+        if self.max_epochs is not None and self.epoch >= self.max_epochs:
+            return 0
+        return wanted if self.quota is None else max(0, min(wanted, self.quota - self.n))
 
     def cursor(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -124,6 +138,7 @@ class IndexedStream(Stream):
         self.max_epochs = max_epochs if spec.split == "train" else None
         self.quota = quota(max_samples, spec)
         self._epoch, self.doc, self.chunk, self.n = epoch, 0, 0, 0
+        self._docs_epoch, self._docs_cache = -1, np.empty(0, dtype=np.int64)
         if cursor is not None:
             c = _check_cursor(cursor, corpus.fingerprint, spec, ("epoch", "doc", "chunk", "n"))
             self._epoch, self.doc, self.chunk, self.n = c["epoch"], c["doc"], c["chunk"], c["n"]
@@ -135,26 +150,25 @@ class IndexedStream(Stream):
         return self._epoch
 
     def _docs(self) -> np.ndarray:
-        if self.spec.split == "validation":
-            return self.corpus.validation_ids
-        return self.corpus.consumer_docs(
-            self.spec.seed, self._epoch, self.spec.index, self.spec.count
-        )
+        if self._docs_epoch != self._epoch:  # one permutation per epoch, not per chunk
+            if self.spec.split == "validation":
+                self._docs_cache = self.corpus.validation_ids
+            else:
+                s = self.spec
+                self._docs_cache = self.corpus.consumer_docs(s.seed, self._epoch, s.index, s.count)
+            self._docs_epoch = self._epoch
+        return self._docs_cache
 
-    def _ended(self) -> bool:
-        if self.quota is not None and self.n >= self.quota:
-            return True
-        return self.max_epochs is not None and self._epoch >= self.max_epochs
-
-    def next_chunk(self) -> Chunk | None:
+    def take(self, n: int) -> list[Chunk]:
+        out: list[Chunk] = []
         rollovers = 0
-        while not self._ended():
+        while (room := self._room(n - len(out))) > 0:
             docs = self._docs()
             if self.doc >= len(docs):
                 if self.spec.split == "validation":
-                    return None
+                    break
                 rollovers += 1
-                if rollovers > 1:
+                if rollovers > 1 and not out:
                     raise RuntimeError(
                         f"consumer {self.spec.describe()} has no documents in an entire epoch"
                     )
@@ -164,10 +178,11 @@ class IndexedStream(Stream):
             if self.chunk >= len(chunks):
                 self.doc, self.chunk = self.doc + 1, 0
                 continue
-            self.chunk += 1
-            self.n += 1
-            return chunks[self.chunk - 1]
-        return None
+            piece = chunks[self.chunk : self.chunk + room]
+            out += piece
+            self.chunk += len(piece)
+            self.n += len(piece)
+        return out
 
     def cursor(self) -> dict[str, Any]:
         return {
@@ -241,11 +256,6 @@ class ShardedStream(Stream):
         s = self.spec
         return self.corpus.consumer_units(s.seed, self._epoch, s.index, s.count)
 
-    def _ended(self) -> bool:
-        if self.quota is not None and self.n >= self.quota:
-            return True
-        return self.max_epochs is not None and self._epoch >= self.max_epochs
-
     def _load_window(self) -> list[_Doc]:
         unit, share, shares = self._units[self.unit]
         if self._rows is None or self._rows_at != self.row:
@@ -274,14 +284,15 @@ class ShardedStream(Stream):
             docs = [docs[i] for i in np.argsort(mixed, kind="stable")]
         return docs
 
-    def next_chunk(self) -> Chunk | None:
+    def take(self, n: int) -> list[Chunk]:
+        out: list[Chunk] = []
         rollovers = 0
-        while not self._ended():
+        while (room := self._room(n - len(out))) > 0:
             if self.unit >= len(self._units):
                 if self.spec.split == "validation":
-                    return None
+                    break
                 rollovers += 1
-                if rollovers > 1:
+                if rollovers > 1 and not out:
                     raise RuntimeError(
                         f"consumer {self.spec.describe()} has no documents in an entire epoch"
                     )
@@ -301,15 +312,15 @@ class ShardedStream(Stream):
                 self._window, self._chunks = None, None
                 continue
             if self._chunks is None:
-                doc = self._window[self.pos]
-                self._chunks = self._chunks_of(doc)
+                self._chunks = self._chunks_of(self._window[self.pos])
             if self.chunk >= len(self._chunks):
                 self.pos, self.chunk, self._chunks = self.pos + 1, 0, None
                 continue
-            self.chunk += 1
-            self.n += 1
-            return self._chunks[self.chunk - 1]
-        return None
+            piece = self._chunks[self.chunk : self.chunk + room]
+            out += piece
+            self.chunk += len(piece)
+            self.n += len(piece)
+        return out
 
     def _chunks_of(self, doc: _Doc) -> list[Chunk]:
         return chunk_document(doc.key, doc.text, self.corpus.chunking, self.corpus.encoder)

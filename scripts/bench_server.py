@@ -1,0 +1,374 @@
+"""Stream server throughput, as ratios measured side by side in one run (`make bench`).
+
+For 1 and 8 consumers it measures samples/s and MB/s delivered on loopback by
+  - our server (shakespeare, 512-word chunks, each consumer on its own deterministic stream),
+  - a bare websockets echo server answering every request with a message of the same size,
+  - our server with per-message deflate on,
+each driven by the same load process (one core for the server, one for the load). It also times
+the JSON encoding of a batch (orjson template vs the stdlib), and works out the text rate that
+`babygpt` would consume on one H100 at 40% MFU, from FLOPs per token and measured tokens per
+sample, so the server's figure can be read against it.
+
+    python scripts/bench_server.py [--seconds 5] [--batch 64] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+import psutil
+
+from streamgpt.server import keep_freed_memory
+from streamgpt.server.process import ServerProcess
+
+PROBE = '{"type":"getData","payload":{"batch_size":%d}}'
+
+
+# -- the load process ---------------------------------------------------------------------------
+
+
+async def _consume(
+    url: str, k: int, consumers: int, batch: int, seconds: float, depth: int, compression: bool
+) -> tuple[int, int]:
+    from websockets.asyncio.client import connect
+
+    options = {"max_size": None, "compression": "deflate" if compression else None}
+    async with connect(url, **options) as ws:
+        hello = {
+            "type": "handshake",
+            "version": "1.0",
+            "consumer": {"rank": k, "world_size": consumers, "seed": 0},
+        }
+        await ws.send(json.dumps(hello))
+        await ws.recv()
+        request = PROBE % batch
+        for _ in range(depth):  # keep `depth` requests in flight, as a prefetching client does
+            await ws.send(request)
+        replies = size = 0
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            message = await ws.recv(decode=False)
+            replies += 1
+            size += len(message)
+            await ws.send(request)
+        return replies, size
+
+
+async def _load(
+    url: str, consumers: int, batch: int, seconds: float, depth: int, compression: bool
+) -> dict:
+    started = time.perf_counter()
+    results = await asyncio.gather(
+        *(_consume(url, k, consumers, batch, seconds, depth, compression) for k in range(consumers))
+    )
+    elapsed = time.perf_counter() - started
+    replies = sum(r for r, _ in results)
+    size = sum(s for _, s in results)
+    return {
+        "samples_per_s": replies * batch / elapsed,
+        "mb_per_s": size / elapsed / 1e6,
+        "seconds": elapsed,
+    }
+
+
+CPUS = sorted(os.sched_getaffinity(0))
+SERVER_CPU, LOAD_CPU = CPUS[0], CPUS[-1]
+
+
+def pin(pid: int, cpu: int) -> None:
+    """One core for the server, another for the load: the same placement for every contender
+    (left to the scheduler, the two sometimes share a core and the figures swing 2x)."""
+    os.sched_setaffinity(pid, {cpu})
+
+
+def load(
+    url: str,
+    consumers: int,
+    batch: int,
+    seconds: float,
+    depth: int = 2,
+    compression: bool = False,
+    server_pid: int | None = None,
+) -> dict:
+    """Run the load in a child process on its own core; add the server's CPU ms per MB served."""
+    before = psutil.Process(server_pid).cpu_times() if server_pid else None
+    cmd = [
+        sys.executable,
+        __file__,
+        "--load",
+        url,
+        "--consumers",
+        str(consumers),
+        "--batch",
+        str(batch),
+        "--seconds",
+        str(seconds),
+        "--depth",
+        str(depth),
+    ]
+    if compression:
+        cmd.append("--compression")
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, check=True, preexec_fn=lambda: pin(0, LOAD_CPU)
+    )
+    result = json.loads(done.stdout)
+    if before is not None:
+        after = psutil.Process(server_pid).cpu_times()
+        cpu = after.user - before.user + after.system - before.system
+        result["server_cpu_ms_per_mb"] = cpu * 1e3 / (result["mb_per_s"] * result["seconds"])
+    return result
+
+
+# -- the bare echo server -----------------------------------------------------------------------
+
+
+async def _echo(payload_file: str) -> None:
+    from websockets.asyncio.server import serve
+    from websockets.exceptions import ConnectionClosed
+
+    keep_freed_memory()  # the same allocator setting as our server: only the protocol differs
+    payload = Path(payload_file).read_bytes()
+    handshake = b'{"type":"handshake","version":"1.0"}'
+
+    async def handler(ws) -> None:
+        try:
+            await ws.recv()
+            await ws.send(handshake, text=True)
+            async for _ in ws:
+                await ws.send(payload, text=True)
+        except ConnectionClosed:
+            pass
+
+    async with serve(
+        handler, "127.0.0.1", 0, compression=None, max_size=None, ping_interval=None
+    ) as server:
+        port = server.sockets[0].getsockname()[1]
+        print(f"echo listening on ws://127.0.0.1:{port}/ws", flush=True)
+        await asyncio.Future()
+
+
+class EchoProcess:
+    def __init__(self, payload: bytes) -> None:
+        self.file = tempfile.NamedTemporaryFile(suffix=".json")
+        self.file.write(payload)
+        self.file.flush()
+
+    def __enter__(self) -> EchoProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--echo", self.file.name], stdout=subprocess.PIPE, text=True
+        )
+        pin(self.proc.pid, SERVER_CPU)
+        self.url = self.proc.stdout.readline().rsplit(" ", 1)[1].strip()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.file.close()
+
+
+# -- the measurements ---------------------------------------------------------------------------
+
+
+def one_reply(url: str, batch: int) -> bytes:
+    from websockets.sync.client import connect
+
+    with connect(url, max_size=None, compression=None) as ws:
+        ws.send(json.dumps({"type": "handshake", "version": "1.0", "consumer": {"seed": 0}}))
+        ws.recv()
+        ws.send(PROBE % batch)
+        return ws.recv(decode=False)
+
+
+def encoder_speed(reply: bytes, repeats: int = 200) -> dict:
+    """Time to encode one batch: our orjson byte template against json.dumps of the dicts."""
+    from streamgpt.server.corpus import SampleEncoder
+
+    samples = orjson.loads(reply)["payload"]
+    pairs = [(s["sample_id"], s["inputs"]["text_output"]) for s in samples]
+    enc = SampleEncoder()
+
+    def ours() -> bytes:
+        return b'{"type":"data","payload":[' + b",".join(enc.encode(i, t) for i, t in pairs) + b"]}"
+
+    def stdlib() -> bytes:
+        payload = [
+            {
+                "inputs": {"text_output": t},
+                "target_labels": {"text_output": {"text_output": t}},
+                "sample_id": i,
+            }
+            for i, t in pairs
+        ]
+        return json.dumps({"type": "data", "payload": payload}).encode()
+
+    assert orjson.loads(ours()) == orjson.loads(stdlib())
+    times = {}
+    for name, fn in (("orjson_template", ours), ("stdlib_json", stdlib)):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        times[name] = (time.perf_counter() - started) / repeats * 1e3
+    return {"ms_per_batch": times, "speedup": times["stdlib_json"] / times["orjson_template"]}
+
+
+def babygpt_need(reply: bytes) -> dict:
+    """Samples/s and MB/s that babygpt on one H100 at 40% MFU would consume (arithmetic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from streamgpt.server.sources.shakespeare import fetch
+
+    texts = [p.read_text() for p in sorted(fetch().glob("*_gut.txt"))]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(vocab_size=8192, show_progress=False, special_tokens=["<|endoftext|>"]),
+    )
+    samples = orjson.loads(reply)["payload"]
+    tokens_per_sample = statistics.mean(
+        len(tok.encode(s["inputs"]["text_output"]).ids) for s in samples
+    )
+    d, layers, ctx, vocab = 512, 4, 512, 8192
+    params = 12 * layers * d * d + vocab * d  # blocks + tied embedding/LM head (positions excluded)
+    flops_per_token = 6 * params + 12 * layers * d * ctx  # PaLM/nanoGPT: 6N + 12 L d T
+    tokens_per_s = 0.40 * 989.5e12 / flops_per_token
+    samples_per_s = tokens_per_s / tokens_per_sample
+    bytes_per_sample = len(reply) / len(samples)
+    return {
+        "params": params,
+        "flops_per_token": flops_per_token,
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_sample": tokens_per_sample,
+        "samples_per_s": samples_per_s,
+        "mb_per_s": samples_per_s * bytes_per_sample / 1e6,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2, help="alternations; the median is kept")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--load", help=argparse.SUPPRESS)
+    parser.add_argument("--echo", help=argparse.SUPPRESS)
+    parser.add_argument("--consumers", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--depth", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--compression", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.load:
+        print(
+            json.dumps(
+                asyncio.run(
+                    _load(
+                        args.load,
+                        args.consumers,
+                        args.batch,
+                        args.seconds,
+                        args.depth,
+                        args.compression,
+                    )
+                )
+            )
+        )
+        return
+    if args.echo:
+        asyncio.run(_echo(args.echo))
+        return
+
+    quiet = ["log_every_s=3600", "hydra.run.dir=" + tempfile.mkdtemp(prefix="bench-serve-")]
+    results: dict = {"batch": args.batch, "seconds": args.seconds}
+    with ServerProcess(quiet) as ours, ServerProcess([*quiet, "compression=true"]) as deflate:
+        pin(ours.proc.pid, SERVER_CPU)
+        pin(deflate.proc.pid, SERVER_CPU)
+        reply = one_reply(ours.url, args.batch)
+        results["reply_bytes"] = len(reply)
+        with EchoProcess(reply) as echo:
+            for consumers in (1, 8):
+                runs: dict[str, list[dict]] = {"ours": [], "echo": [], "deflate": []}
+                for _ in range(args.rounds):
+                    for name, server, deflated in (
+                        ("ours", ours.proc, False),
+                        ("echo", echo.proc, False),
+                        ("deflate", deflate.proc, True),
+                    ):
+                        url = (
+                            echo.url
+                            if name == "echo"
+                            else (ours if name == "ours" else deflate).url
+                        )
+                        runs[name].append(
+                            load(
+                                url,
+                                consumers,
+                                args.batch,
+                                args.seconds,
+                                compression=deflated,
+                                server_pid=server.pid,
+                            )
+                        )
+                row = {
+                    name: {
+                        key: statistics.median(r[key] for r in rs)
+                        for key in ("samples_per_s", "mb_per_s", "server_cpu_ms_per_mb")
+                    }
+                    for name, rs in runs.items()
+                }
+                row["ours_over_echo"] = row["ours"]["mb_per_s"] / row["echo"]["mb_per_s"]
+                row["cpu_echo_over_ours"] = (
+                    row["echo"]["server_cpu_ms_per_mb"] / row["ours"]["server_cpu_ms_per_mb"]
+                )
+                row["off_over_deflate"] = (
+                    row["ours"]["samples_per_s"] / row["deflate"]["samples_per_s"]
+                )
+                results[f"consumers_{consumers}"] = row
+    results["encoder"] = encoder_speed(reply)
+    results["babygpt_h100"] = need = babygpt_need(reply)
+    best = max(results[f"consumers_{c}"]["ours"]["samples_per_s"] for c in (1, 8))
+    results["ours_over_h100_need"] = best / need["samples_per_s"]
+
+    print(
+        f"\nstream server, batch {args.batch} x 512-word samples ({len(reply) / 1e3:.0f} kB a reply)"
+    )
+    print(
+        "| consumers | ours samples/s | ours MB/s | echo MB/s | ours/echo | server CPU ms/MB "
+        "ours / echo | deflate samples/s | off/deflate |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for c in (1, 8):
+        r = results[f"consumers_{c}"]
+        print(
+            f"| {c} | {r['ours']['samples_per_s']:.0f} | {r['ours']['mb_per_s']:.0f} | "
+            f"{r['echo']['mb_per_s']:.0f} | {r['ours_over_echo']:.2f} | "
+            f"{r['ours']['server_cpu_ms_per_mb']:.2f} / {r['echo']['server_cpu_ms_per_mb']:.2f} | "
+            f"{r['deflate']['samples_per_s']:.0f} | {r['off_over_deflate']:.1f}x |"
+        )
+    e = results["encoder"]
+    print(
+        f"\nencoding one batch: orjson template {e['ms_per_batch']['orjson_template']:.2f} ms, "
+        f"stdlib json {e['ms_per_batch']['stdlib_json']:.2f} ms ({e['speedup']:.1f}x)"
+    )
+    print(
+        f"babygpt on one H100 at 40% MFU: {need['flops_per_token'] / 1e6:.1f} MFLOP/token -> "
+        f"{need['tokens_per_s'] / 1e6:.2f} M tokens/s = {need['samples_per_s']:.0f} samples/s "
+        f"({need['tokens_per_sample']:.0f} tokens a sample) = {need['mb_per_s']:.1f} MB/s; "
+        f"one server process delivers {results['ours_over_h100_need']:.1f}x that"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
