@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -159,13 +160,13 @@ async def _echo(payload_file: str) -> None:
 
 class EchoProcess:
     def __init__(self, payload: bytes) -> None:
-        self.file = tempfile.NamedTemporaryFile(suffix=".json")
-        self.file.write(payload)
-        self.file.flush()
+        self.folder = Path(tempfile.mkdtemp(prefix="bench-echo-"))
+        self.file = self.folder / "payload.json"
+        self.file.write_bytes(payload)
 
     def __enter__(self) -> EchoProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--echo", self.file.name], stdout=subprocess.PIPE, text=True
+            [sys.executable, __file__, "--echo", str(self.file)], stdout=subprocess.PIPE, text=True
         )
         pin(self.proc.pid, SERVER_CPU)
         self.url = self.proc.stdout.readline().rsplit(" ", 1)[1].strip()
@@ -174,7 +175,7 @@ class EchoProcess:
     def __exit__(self, *exc) -> None:
         self.proc.terminate()
         self.proc.wait(10)
-        self.file.close()
+        shutil.rmtree(self.folder)
 
 
 # -- the measurements ---------------------------------------------------------------------------
@@ -340,7 +341,7 @@ def main() -> None:
     results["ours_over_h100_need"] = best / need["samples_per_s"]
 
     print(
-        f"\nstream server, batch {args.batch} x 512-word samples ({len(reply) / 1e3:.0f} kB a reply)"
+        f"\nstream server, batch {args.batch} x 512-word samples, {len(reply) / 1e3:.0f} kB a reply"
     )
     print(
         "| consumers | ours samples/s | ours MB/s | echo MB/s | ours/echo | server CPU ms/MB "

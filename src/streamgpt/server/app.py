@@ -259,7 +259,16 @@ class StreamServer:
         return True
 
     def _check_consumer(self, spec: ConsumerSpec) -> None:
-        if spec.split == "validation" or not isinstance(self.corpus, IndexedCorpus):
+        if spec.split == "validation":
+            return
+        if isinstance(self.corpus, ShardedCorpus):
+            if spec.count > len(self.corpus.units) and spec.index == 0:
+                log.warning(
+                    "%d consumers share %d units: consumers on the same unit each read all of it "
+                    "and keep their share of its rows; source.shard_by=row_group avoids that",
+                    spec.count,
+                    len(self.corpus.units),
+                )
             return
         n = int(self.corpus.train_ids.size)
         if spec.count > n:
