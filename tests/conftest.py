@@ -11,9 +11,11 @@ import orjson
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
+from streamgpt.data import RetryConfig, StreamConfig, StreamDataModule, TokenizerConfig
 from streamgpt.server import StreamServer
 from streamgpt.server.config import FineWebSourceConfig, ShakespeareSourceConfig
 from streamgpt.server.corpus import Chunking, IndexedCorpus, SampleEncoder
+from streamgpt.server.process import ServerProcess
 from streamgpt.server.sources import build_corpus
 
 from .corpora import write_fineweb_parquet
@@ -136,4 +138,34 @@ def ids(reply: dict) -> list[str]:
     return [s["sample_id"] for s in reply["payload"] if s != "terminate"]
 
 
-__all__ = ["Client", "RunningServer", "SampleEncoder", "ids"]
+# -- the stream client's fixtures: one real server process for the whole session --------------
+
+
+@pytest.fixture(scope="session")
+def stream_server(tmp_path_factory):
+    with ServerProcess([f"hydra.run.dir={tmp_path_factory.mktemp('server')}"]) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def shared_tokenizer(stream_server, tmp_path_factory):
+    run = tmp_path_factory.mktemp("tokenizer-run")
+    cfg = StreamConfig(url=stream_server.url, valid_size=16, streaming_setup_samples=300)
+    StreamDataModule(cfg, TokenizerConfig(vocab_size=1024), run).prepare_data()
+    return run / "tokenizer.json"
+
+
+def stream_cfg(url, **overrides) -> StreamConfig:
+    options = {
+        "url": url,
+        "batch_size": 4,
+        "max_length": 32,
+        "valid_size": 16,
+        "streaming_setup_samples": 300,
+        "samples_per_request": 4,
+        "retry": RetryConfig(budget_s=30, backoff_s=0.2, max_backoff_s=1.0),
+    }
+    return StreamConfig(**{**options, **overrides})
+
+
+__all__ = ["Client", "RunningServer", "SampleEncoder", "ids", "stream_cfg"]

@@ -396,6 +396,7 @@ class StreamServer:
                 "fingerprint": self.corpus.fingerprint,
                 "chunk_words": self.corpus.chunking.words,
                 "whitespace": self.corpus.chunking.whitespace,
+                "eot_marker": self.corpus.chunking.eot_marker,
             },
             "limits": {
                 "max_frame_bytes": self.limits.max_frame_bytes,

@@ -19,6 +19,8 @@ import numpy as np
 import orjson
 
 _UINT64 = np.uint64
+# Bumped whenever Chunking.split changes what a chunk holds: cursors of an older server are refused.
+CHUNKING_VERSION = 2
 
 
 def key_hash(key: str) -> int:
@@ -50,10 +52,13 @@ class Chunking:
     """How documents are cut into samples.
 
     Chunks hold `words` whitespace-separated words. With whitespace="preserve" a chunk keeps the
-    document's own spacing and newlines, and owns the whitespace that follows it, so the chunks of
-    a document concatenate back to the document exactly. "collapse" joins words with single spaces
-    as EIR's reference server does. The last chunk of every document ends with `eot_marker`, so a
-    client that concatenates consecutive samples sees where one document ends and the next begins.
+    document's own spacing and newlines, and owns the whitespace that precedes its first word, so
+    the chunks of a document concatenate back to the (stripped) document exactly. Splitting right
+    after a word also matters to the trainer: no GPT-2-style pre-token spans a word's end and the
+    whitespace after it, so tokenizing chunk by chunk gives exactly the tokens of the whole
+    document. "collapse" joins words with single spaces as EIR's reference server does. The last
+    chunk of every document ends with `eot_marker`, so a client that concatenates consecutive
+    samples sees where one document ends and the next begins.
     """
 
     words: int = 512
@@ -77,17 +82,17 @@ class Chunking:
             words = text.split()
             chunks = [" ".join(words[i : i + self.words]) for i in range(0, len(words), self.words)]
         else:
-            chunks = self._pattern.findall(text.lstrip())
+            chunks = self._pattern.findall(text.strip())
         if not chunks:
             return []
-        chunks[-1] = chunks[-1].rstrip() + self.eot_marker
+        chunks[-1] = chunks[-1] + self.eot_marker
         return chunks
 
 
 @lru_cache(maxsize=8)
 def _chunk_pattern(words: int) -> re.Pattern[str]:
-    # Up to `words` words, each with the whitespace that follows it.
-    return re.compile(rf"(?:\S+\s*){{1,{words}}}")
+    # Up to `words` words, with the whitespace before each of them.
+    return re.compile(rf"\s*\S+(?:\s+\S+){{0,{words - 1}}}")
 
 
 def count_words(text: str, at_least: int) -> bool:
@@ -204,7 +209,7 @@ class IndexedCorpus:
         self._train_hashes = self.hashes[self.train_ids]
         self._cache = ChunkCache(cache_bytes)
         self.fingerprint = _fingerprint(
-            name, chunking, self.hashes.tobytes(), self.validation_ids.tobytes()
+            name, CHUNKING_VERSION, chunking, self.hashes.tobytes(), self.validation_ids.tobytes()
         )
         self.description = {
             **description,
@@ -279,7 +284,13 @@ class ShardedCorpus:
         self.validation_threshold = int(validation_fraction * 2.0**64)
         self.unit_hashes = key_hashes(self.units)
         self.fingerprint = _fingerprint(
-            name, chunking, self.unit_hashes.tobytes(), self.validation_threshold, min_words, window
+            name,
+            CHUNKING_VERSION,
+            chunking,
+            self.unit_hashes.tobytes(),
+            self.validation_threshold,
+            min_words,
+            window,
         )
         self.description = {**description, "units": len(self.units)}
 

@@ -1,0 +1,355 @@
+"""StreamDataModule: a live stream in, training batches out, exactly resumable.
+
+- prepare_data (global rank 0 only): checks the server(s), builds the run's tokenizer.json (trained
+  on the first streamed samples, or a given file) and saves the validation samples to the run
+  folder, so every rank and every resume uses the same ones.
+- setup (every rank): loads both.
+- train_dataloader: one StreamDataset consumer per (rank, worker), disjoint and deterministic.
+- state_dict / load_state_dict: every consumer's cursor and untrained tokens, gathered from all
+  ranks into the checkpoint; a resume continues with the batch the run would have trained next.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import orjson
+import torch
+import torch.distributed as dist
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader, TensorDataset
+
+from streamgpt.data import tokenizer as tokenizers
+from streamgpt.data.client import Connection, ServerRefused, StreamError, no_server, token_from_env
+from streamgpt.data.dataset import Encoder, StreamDataset, TokenPacker
+
+log = logging.getLogger("streamgpt.data")
+
+STATE_VERSION = 1
+
+
+class StreamDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        stream: Any,
+        tokenizer: Any,
+        run_dir: str | Path,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = stream
+        self.tok_cfg = tokenizer
+        self.run_dir = Path(run_dir)
+        self.prepare_data_per_node = False  # one tokenizer per run, in the (shared) run folder
+        self._rank, self._world = rank, world_size
+        urls = [stream.url] if isinstance(stream.url, str) or stream.url is None else stream.url
+        self.urls = [str(u) for u in urls if u]
+        if not self.urls or any(not u for u in self.urls):
+            raise ValueError("data.stream.url is empty: give a ws:// URL or a list of them")
+        self.token = token_from_env(stream.token_env)
+        self.tokenizer: Tokenizer | None = None
+        self.server: dict[str, Any] = {}
+        self.val_x: torch.Tensor | None = None
+        self.val_y: torch.Tensor | None = None
+        self._states: dict[
+            int, dict[str, Any]
+        ] = {}  # consumer -> state after its last trained batch
+        self._trained = 0  # batches this rank has trained
+        self._resume: dict[str, Any] | None = None
+        self.last_ids: list[str] = []  # sample ids that started in the last trained batch
+        self.saw_last_batch = False  # a consumer of this rank trained its stream's last batch
+
+    # -- identity ----------------------------------------------------------------------------
+
+    @property
+    def rank(self) -> int:
+        if self._rank is not None:
+            return self._rank
+        trainer = getattr(self, "trainer", None)
+        return trainer.global_rank if trainer is not None else 0
+
+    @property
+    def world_size(self) -> int:
+        if self._world is not None:
+            return self._world
+        trainer = getattr(self, "trainer", None)
+        return trainer.world_size if trainer is not None else 1
+
+    @property
+    def num_consumers_per_rank(self) -> int:
+        return max(1, self.cfg.num_workers)
+
+    @property
+    def finite(self) -> bool:
+        """Whether the training stream can end (then ranks must agree when to stop)."""
+        return bool(self.server.get("finite"))
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.run_dir / "tokenizer.json"
+
+    @property
+    def validation_path(self) -> Path:
+        return self.run_dir / "validation.jsonl"
+
+    @property
+    def vocab_size(self) -> int:
+        assert self.tokenizer is not None, "call setup() first"
+        return self.tokenizer.get_vocab_size()
+
+    @property
+    def eos_id(self) -> int:
+        assert self.tokenizer is not None, "call setup() first"
+        return self.tokenizer.token_to_id(self.tok_cfg.eos_token)
+
+    # -- the servers -------------------------------------------------------------------------
+
+    def _open(self, url: str, consumer: dict[str, Any] | None = None) -> Connection:
+        conn = Connection(
+            url,
+            token=self.token,
+            connect_timeout=self.cfg.connect_timeout_s,
+            recv_timeout=self.cfg.recv_timeout_s,
+        )
+        try:
+            return conn.open(consumer)
+        except ServerRefused:
+            raise
+        except (OSError, TimeoutError, ConnectionError) as e:
+            raise StreamError(no_server(url, e)) from None
+
+    def check_servers(self) -> dict[str, Any]:
+        """Status of every server; all replicas must serve the same corpus the same way."""
+        statuses = []
+        for url in self.urls:
+            conn = self._open(url)
+            try:
+                statuses.append((url, conn.extended, conn.status()))
+            finally:
+                conn.close()
+        url0, extended, status0 = statuses[0]
+        corpus0 = status0.get("corpus") or {}
+        for url, ext, status in statuses[1:]:
+            corpus = status.get("corpus") or {}
+            if ext != extended or corpus.get("fingerprint") != corpus0.get("fingerprint"):
+                raise StreamError(
+                    f"the servers disagree: {url0} serves corpus {corpus0.get('fingerprint')} "
+                    f"but {url} serves {corpus.get('fingerprint')}; every url in data.stream.url "
+                    "must be a replica of the same corpus, chunking and version"
+                )
+        end = status0.get("end") or {}
+        self.server = {
+            "extended": extended,
+            # Ours reports its end; a core-only server may end whenever it likes.
+            "finite": not extended or any(v is not None for v in end.values()),
+            "eot_marker": corpus0.get("eot_marker", self.tok_cfg.eos_token),
+            "corpus": corpus0,
+        }
+        if not extended:
+            log.warning(
+                "%s speaks only the core protocol (no extensions): training will work, but the "
+                "stream is shared and timing-dependent, so runs are not deterministic and resume "
+                "is not exact",
+                url0,
+            )
+        return self.server
+
+    def _read(
+        self, consumer: dict[str, Any] | None, n: int, stop_at_epoch_end: bool
+    ) -> list[tuple[str, str]]:
+        """Up to n (id, text) samples of one stream, read once at setup."""
+        conn = self._open(self.urls[0], consumer)
+        out: list[tuple[str, str]] = []
+        try:
+            while len(out) < n:
+                conn.request(min(self.cfg.samples_per_request, n - len(out)))
+                reply = conn.receive_data()
+                out += zip(reply.ids, reply.texts, strict=True)
+                if reply.ended or (
+                    stop_at_epoch_end and reply.cursor and reply.cursor.get("epoch", 0) > 0
+                ):
+                    break
+        except (OSError, TimeoutError, ConnectionError) as e:
+            raise StreamError(
+                f"lost the stream server at {self.urls[0]} during setup: {e}"
+            ) from None
+        finally:
+            conn.close()
+        return out
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Rank 0: the run's tokenizer and validation samples, unless the run folder has them."""
+        server = self.check_servers()
+        extended = server["extended"]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self.validation_path.exists() and self.cfg.valid_size > 0:
+            if extended:
+                split = {"rank": 0, "world_size": 1, "seed": 0, "split": "validation"}
+                samples = self._read(split, self.cfg.valid_size, stop_at_epoch_end=False)
+            else:  # EIR's way: hold out the first samples of the shared stream, tell the server
+                samples = self._read(None, self.cfg.valid_size, stop_at_epoch_end=False)
+                conn = self._open(self.urls[0])
+                try:
+                    conn.set_validation_ids([i for i, _ in samples])
+                finally:
+                    conn.close()
+            if not samples:
+                raise StreamError(
+                    f"the server's validation split is empty ({self.urls[0]}): hold out documents "
+                    "on the server (source.validation_docs=N), or train without validation with "
+                    "data.stream.valid_size=0"
+                )
+            if len(samples) < self.cfg.valid_size:
+                log.warning(
+                    "the validation split has %d samples, fewer than data.stream.valid_size=%d; "
+                    "using all of them",
+                    len(samples),
+                    self.cfg.valid_size,
+                )
+            tmp = self.validation_path.with_suffix(".tmp")
+            tmp.write_bytes(
+                b"".join(orjson.dumps({"id": i, "text": t}) + b"\n" for i, t in samples)
+            )
+            tmp.replace(self.validation_path)
+
+        def setup_texts() -> list[str]:
+            consumer = {"rank": 0, "world_size": 1, "seed": self.cfg.seed, "split": "train"}
+            samples = self._read(
+                consumer if extended else None,
+                self.cfg.streaming_setup_samples,
+                stop_at_epoch_end=True,
+            )
+            log.info("training the tokenizer on %d streamed samples", len(samples))
+            return [t for _, t in samples]
+
+        tokenizers.build(self.tok_cfg, self.run_dir, setup_texts)
+
+    def setup(self, stage: str | None = None) -> None:
+        prepared = self.tokenizer_path.exists() and (
+            self.cfg.valid_size <= 0 or self.validation_path.exists()
+        )
+        if not prepared and getattr(self, "trainer", None) is None:
+            self.prepare_data()  # used on its own, without a Trainer to call prepare_data
+        if not self.server:
+            self.check_servers()
+        self.tokenizer = tokenizers.load(self.tokenizer_path, self.tok_cfg.eos_token)
+        self.val_x = self.val_y = None
+        if self.cfg.valid_size > 0:
+            lines = self.validation_path.read_bytes().splitlines()
+            samples = [orjson.loads(line) for line in lines]
+            self.val_x, self.val_y = self._windows(
+                [s["id"] for s in samples], [s["text"] for s in samples]
+            )
+
+    def _encoder(self) -> Encoder:
+        assert self.tokenizer is not None
+        return Encoder(self.tokenizer, self.server.get("eot_marker", ""), self.tok_cfg.eos_token)
+
+    def _windows(self, ids: list[str], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validation: the samples packed like training data, in full windows of one sequence."""
+        packer = TokenPacker(1, self.cfg.max_length)
+        packer.add(ids, self._encoder()(texts))
+        xs, ys = [], []
+        while packer.ready():
+            x, y, _ = packer.pop()
+            xs.append(x)
+            ys.append(y)
+        if not xs:
+            raise StreamError(
+                f"the {len(texts)} validation samples hold fewer than max_length+1 = "
+                f"{self.cfg.max_length + 1} tokens; raise data.stream.valid_size"
+            )
+        return torch.cat(xs), torch.cat(ys)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.tokenizer is not None, "call setup() first"
+        workers = self.cfg.num_workers
+        if workers > 0:
+            # Tokenization parallelism in a forked worker can deadlock; each worker is a consumer.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        states, phase = {}, 0
+        if self._resume is not None:
+            states = {int(k): v for k, v in self._resume["consumers"].items()}
+            phase = self._resume["batches"].get(str(self.rank), 0) % self.num_consumers_per_rank
+            self._states = dict(states)
+        dataset = StreamDataset(
+            urls=self.urls,
+            cfg=self.cfg,
+            tokenizer_json=self.tokenizer.to_str(),
+            server_eot=self.server.get("eot_marker", ""),
+            eos_token=self.tok_cfg.eos_token,
+            token=self.token,
+            rank=self.rank,
+            world_size=self.world_size,
+            states=states,
+            phase=phase,
+        )
+        return DataLoader(
+            dataset,
+            batch_size=None,  # the dataset yields whole batches
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_x is None:
+            return []
+        return DataLoader(TensorDataset(self.val_x, self.val_y), batch_size=self.cfg.batch_size)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Record the consumer state of each training batch as it goes to the model."""
+        if isinstance(batch, dict) and "state" in batch:
+            self._states[batch["consumer"]] = batch["state"]
+            self._trained += 1
+            self.last_ids = batch["ids"]
+            self.saw_last_batch = self.saw_last_batch or batch.get("last", False)
+            return batch["x"], batch["y"]
+        return batch
+
+    # -- exact resume ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        mine = {"consumers": self._states, "batches": self._trained}
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (self.rank, mine))
+        else:
+            gathered = [(self.rank, mine)]
+        consumers: dict[str, Any] = {}
+        batches: dict[str, int] = {}
+        for rank, part in gathered:
+            consumers.update({str(k): v for k, v in part["consumers"].items()})
+            batches[str(rank)] = part["batches"]
+        return {
+            "version": STATE_VERSION,
+            "world_size": self.world_size,
+            "num_workers": self.num_consumers_per_rank,
+            "seed": self.cfg.seed,
+            "urls": len(self.urls),
+            "consumers": consumers,
+            "batches": batches,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data state version {state.get('version')} is not {STATE_VERSION}")
+        now = (self.world_size, self.num_consumers_per_rank, self.cfg.seed)
+        then = (state["world_size"], state["num_workers"], state["seed"])
+        if now != then:
+            raise ValueError(
+                f"the checkpoint's stream was read by {then[0]} ranks x {then[1]} workers with "
+                f"seed {then[2]}; this run has {now[0]} x {now[1]} with seed {now[2]}. Consumer "
+                "identities would change, so the data would not continue exactly: resume with the "
+                "same trainer.devices x num_nodes, data.stream.num_workers and data.stream.seed"
+            )
+        self._resume = state
+        self._trained = state["batches"].get(str(self.rank), 0)

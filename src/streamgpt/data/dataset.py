@@ -1,0 +1,297 @@
+"""From a stream of text samples to training batches, one consumer per (rank, DataLoader worker).
+
+Each consumer runs a background thread that keeps `requests_in_flight` requests at the server,
+tokenizes each reply in one batch call, packs the tokens of consecutive samples into windows of
+max_length+1 tokens (stride max_length, so every adjacent pair of tokens is trained exactly once,
+documents separated by the end-of-text token, no padding, nothing dropped), and queues finished
+batches, at most `prefetch_batches` ahead of the training step.
+
+Every batch carries the consumer's state right after it (server cursor, tokens and sample ids not
+yet trained), so a checkpoint can record exactly what has been trained and a resume continues
+with the very next batch. If the server goes away, the thread reconnects from the last cursor
+with exponential backoff; nothing is repeated or skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from torch.utils.data import IterableDataset, get_worker_info
+
+from streamgpt.data.client import Connection, ServerRefused, StreamError
+
+log = logging.getLogger("streamgpt.data")
+
+_END = object()  # the stream reached the server's configured end
+
+
+class TokenPacker:
+    """Tokens of consecutive samples, cut into (x, y) batches of shape (batch_size, max_length)."""
+
+    def __init__(self, batch_size: int, max_length: int, state: dict[str, Any] | None = None):
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.need = batch_size * max_length + 1
+        self._parts: list[np.ndarray] = []
+        self._size = 0
+        self._starts: list[tuple[int, str]] = []  # (token offset, sample id) not yet in a batch
+        if state is not None:
+            tokens = state["tokens"]
+            tokens = tokens.numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+            if tokens.size:
+                self._parts.append(tokens.astype(np.int32))
+                self._size = int(tokens.size)
+            self._starts = [(int(o), str(i)) for o, i in state["ids"]]
+
+    def add(self, sample_ids: list[str], token_lists: list[list[int]]) -> None:
+        for sample_id, ids in zip(sample_ids, token_lists, strict=True):
+            if not ids:
+                continue
+            self._starts.append((self._size, sample_id))
+            self._parts.append(np.asarray(ids, dtype=np.int32))
+            self._size += len(ids)
+
+    def ready(self) -> bool:
+        return self._size >= self.need
+
+    def pop(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """The next batch and the ids of the samples whose first token is in it."""
+        tokens = np.concatenate(self._parts) if len(self._parts) > 1 else self._parts[0]
+        stride = self.batch_size * self.max_length
+        window = torch.from_numpy(tokens[: self.need].astype(np.int64))
+        x = window[:-1].view(self.batch_size, self.max_length)
+        y = window[1:].view(self.batch_size, self.max_length)
+        # The last target token is also the first input token of the next batch.
+        rest = tokens[stride:]
+        self._parts, self._size = [rest], int(rest.size)
+        ids = [i for o, i in self._starts if o < stride]
+        self._starts = [(o - stride, i) for o, i in self._starts if o >= stride]
+        return x, y, ids
+
+    def state(self) -> dict[str, Any]:
+        tokens = np.concatenate(self._parts) if self._parts else np.empty(0, np.int32)
+        return {"tokens": torch.from_numpy(tokens.astype(np.int32)), "ids": list(self._starts)}
+
+
+class Encoder:
+    """Batch tokenization of streamed texts, mapping the server's end marker to our EOS token."""
+
+    def __init__(self, tokenizer: Tokenizer, server_eot: str, eos_token: str):
+        self.tokenizer = tokenizer
+        self.replace = server_eot if server_eot and server_eot != eos_token else None
+        self.eos_token = eos_token
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        if self.replace:
+            texts = [t.replace(self.replace, self.eos_token) for t in texts]
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+class ConsumerFeed:
+    """One consumer's batches, produced by a background thread into a bounded queue."""
+
+    def __init__(
+        self,
+        url: str,
+        consumer: dict[str, Any],
+        cfg: Any,
+        encode: Callable[[list[str]], list[list[int]]],
+        token: str | None,
+        state: dict[str, Any] | None = None,
+    ) -> None:
+        self.url = url
+        self.consumer = consumer
+        self.k = consumer["rank"] * consumer["num_workers"] + consumer["worker"]
+        self.cfg = cfg
+        self.encode = encode
+        self.token = token
+        self.cursor = state["cursor"] if state else None
+        self.packer = TokenPacker(cfg.batch_size, cfg.max_length, state)
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, cfg.prefetch_batches))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"stream-consumer-{self.k}", daemon=True
+        )
+        self.reconnects = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._thread.start()
+        try:
+            while True:
+                item = self.queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()  # the producer notices within 0.2 s, even when blocked on a full queue
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _connect(self) -> Connection:
+        """A handshaken connection resuming at self.cursor, retrying within the budget."""
+        retry = self.cfg.retry
+        started, wait, last = time.monotonic(), retry.backoff_s, None
+        while not self._stop.is_set():
+            conn = Connection(
+                self.url,
+                token=self.token,
+                connect_timeout=self.cfg.connect_timeout_s,
+                recv_timeout=self.cfg.recv_timeout_s,
+            )
+            try:
+                return conn.open({**self.consumer, "cursor": self.cursor})
+            except ServerRefused:
+                raise
+            except (OSError, TimeoutError, ConnectionError) as e:
+                conn.close()
+                last = e
+            if time.monotonic() - started + wait > retry.budget_s:
+                raise StreamError(
+                    f"lost the stream server at {self.url} and could not reconnect for "
+                    f"{retry.budget_s:g} s (data.stream.retry.budget_s): {last}. Start a server "
+                    "with `make serve`, or point data.stream.url at a running one; the run can "
+                    "then resume from its last checkpoint with resume=auto"
+                )
+            log.warning(
+                "consumer %d: %s unreachable (%s); retrying in %.1f s", self.k, self.url, last, wait
+            )
+            self._stop.wait(wait)
+            wait = min(wait * 2, retry.max_backoff_s)
+        raise StreamError("stopped")
+
+    def _run(self) -> None:
+        try:
+            self._produce()
+        except BaseException as e:  # handed to the training loop, which re-raises it
+            self._put(e)
+
+    def _produce(self) -> None:
+        cfg = self.cfg
+        conn = self._connect()
+        warned_core = False
+        in_flight = 0
+        held: dict[str, Any] | None = None
+        while not self._stop.is_set():
+            if not conn.extended and not warned_core:
+                log.warning(
+                    "%s speaks only the core protocol: consumers share one stream handed out "
+                    "first come first served, so batches depend on timing and exact resume is off",
+                    self.url,
+                )
+                warned_core = True
+            try:
+                while in_flight < cfg.requests_in_flight:
+                    conn.request(cfg.samples_per_request)
+                    in_flight += 1
+                reply = conn.receive_data()
+                in_flight -= 1
+            except ServerRefused:
+                raise
+            except (OSError, TimeoutError, ConnectionError) as e:
+                log.warning("consumer %d: lost %s (%s); reconnecting", self.k, self.url, e)
+                conn.close()
+                self.reconnects += 1
+                conn, in_flight = self._connect(), 0
+                continue
+            if reply.ended:
+                log.info("consumer %d: the server ended the stream", self.k)
+                if held is not None:
+                    held["last"] = True  # lets every rank stop after the same step
+                    self._put(held)
+                self._put(_END)
+                conn.close()
+                return
+            self.packer.add(reply.ids, self.encode(reply.texts))
+            if reply.cursor is not None:
+                self.cursor = reply.cursor
+            while self.packer.ready():
+                x, y, ids = self.packer.pop()
+                batch = {"x": x, "y": y, "ids": ids, "consumer": self.k, "state": self.state()}
+                # One batch is held back until the next exists, so that the last one can say so.
+                if held is not None and not self._put(held):
+                    break
+                held = batch
+        conn.close()
+
+    def state(self) -> dict[str, Any]:
+        return {"cursor": self.cursor, **self.packer.state()}
+
+
+class StreamDataset(IterableDataset):
+    """Training batches for one rank; each DataLoader worker (or the main process) is a consumer."""
+
+    def __init__(
+        self,
+        *,
+        urls: list[str],
+        cfg: Any,
+        tokenizer_json: str,
+        server_eot: str,
+        eos_token: str,
+        token: str | None,
+        rank: int,
+        world_size: int,
+        states: dict[int, dict[str, Any]],
+        phase: int = 0,
+    ) -> None:
+        super().__init__()
+        self.urls = urls
+        self.cfg = cfg
+        self.tokenizer_json = tokenizer_json
+        self.server_eot = server_eot
+        self.eos_token = eos_token
+        self.token = token
+        self.rank = rank
+        self.world_size = world_size
+        self.states = states
+        self.phase = phase
+
+    def consumer(self, worker: int, num_workers: int) -> dict[str, Any]:
+        # After a resume, worker process j plays consumer (j + phase) % N, so that the DataLoader's
+        # round robin over workers yields batches in the order the interrupted run would have.
+        local = (worker + self.phase) % num_workers
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "worker": local,
+            "num_workers": num_workers,
+            "seed": self.cfg.seed,
+            "epoch": 0,
+            "split": "train",
+        }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        consumer = self.consumer(worker, num_workers)
+        k = self.rank * num_workers + consumer["worker"]
+        encode = Encoder(Tokenizer.from_str(self.tokenizer_json), self.server_eot, self.eos_token)
+        feed = ConsumerFeed(
+            self.urls[k % len(self.urls)],
+            consumer,
+            self.cfg,
+            encode,
+            self.token,
+            self.states.get(k),
+        )
+        yield from feed

@@ -1,0 +1,82 @@
+"""Tokenizers (Hugging Face `tokenizers`): a byte-level BPE trained on streamed text, or a file.
+
+Byte-level, so any text encodes without unknown tokens; GPT-2's pre-tokenizer, so the server's
+chunks (split right after a word) tokenize exactly as the whole document would. The end-of-text
+token separates documents in packed training windows.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+
+def train_bpe(
+    texts: list[str], vocab_size: int, min_frequency: int, eos: str, pad: str
+) -> Tokenizer:
+    if vocab_size < 256 + 2:
+        raise ValueError(
+            "tokenizer.vocab_size must be at least 258 (256 bytes + 2 special tokens), "
+            f"got {vocab_size}"
+        )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[eos, pad],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # The end marker is a special token, not text to learn merges from.
+    tok.train_from_iterator((t.replace(eos, " ") for t in texts), trainer, length=len(texts))
+    return tok
+
+
+def load(path: str | Path, eos: str) -> Tokenizer:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {path} does not exist (tokenizer.path)")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise ValueError(f"{path} is not a Hugging Face tokenizer.json ({e})") from None
+    if tok.token_to_id(eos) is None:
+        specials = [t.content for t in tok.get_added_tokens_decoder().values()]
+        raise ValueError(
+            f"{path} has no end-of-text token {eos!r}; its special tokens are {specials}: "
+            "set tokenizer.eos_token to one of them"
+        )
+    return tok
+
+
+def build(cfg: Any, run_dir: Path, sample_texts) -> Path:
+    """The run's tokenizer.json: reused if the run folder has one (a resume), else built."""
+    target = Path(run_dir) / "tokenizer.json"
+    if target.exists():
+        load(target, cfg.eos_token)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".json.tmp")
+    if cfg.name == "pretrained":
+        if not cfg.path:
+            raise ValueError("tokenizer=pretrained needs tokenizer.path=<tokenizer.json>")
+        load(cfg.path, cfg.eos_token)
+        shutil.copyfile(cfg.path, tmp)
+    elif cfg.name == "bpe":
+        texts = sample_texts()
+        if not texts:
+            raise ValueError(
+                "no samples to train the tokenizer on (data.stream.streaming_setup_samples)"
+            )
+        train_bpe(texts, cfg.vocab_size, cfg.min_frequency, cfg.eos_token, cfg.pad_token).save(
+            str(tmp)
+        )
+    else:
+        raise ValueError(f"tokenizer.name must be 'bpe' or 'pretrained', got {cfg.name!r}")
+    tmp.replace(target)  # atomic: a crash never leaves a half-written tokenizer.json
+    return target

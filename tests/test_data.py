@@ -1,0 +1,261 @@
+"""The stream client (StreamDataModule) against real servers on free loopback ports."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import re
+import shutil
+import signal
+import time
+
+import orjson
+import pytest
+import torch
+
+from streamgpt.data import RetryConfig, StreamDataModule, TokenizerConfig
+from streamgpt.data.client import Connection, StreamError
+from streamgpt.data.tokenizer import load, train_bpe
+from streamgpt.server.process import ServerProcess
+
+from .conftest import stream_cfg
+from .core_server import CoreOnlyServer
+
+EOS = "<|endoftext|>"
+
+
+@pytest.fixture
+def make_dm(stream_server, shared_tokenizer, tmp_path):
+    """make_dm(name, **stream options) -> a set-up StreamDataModule with the shared tokenizer."""
+
+    def make(name="run", rank=None, world_size=None, url=None, **overrides):
+        run = tmp_path / name
+        run.mkdir(exist_ok=True)
+        if not (run / "tokenizer.json").exists():
+            shutil.copy(shared_tokenizer, run / "tokenizer.json")
+        cfg = stream_cfg(url or stream_server.url, **overrides)
+        dm = StreamDataModule(
+            cfg, TokenizerConfig(vocab_size=1024), run, rank=rank, world_size=world_size
+        )
+        dm.setup()
+        return dm
+
+    return make
+
+
+def take(dm: StreamDataModule, n: int, after=None):
+    """n training batches as the trainer would see them: (x, y, sample ids that start in it)."""
+    loader = iter(dm.train_dataloader())
+    out = []
+    try:
+        for _ in range(n):
+            x, y = dm.on_before_batch_transfer(next(loader), 0)
+            out.append((x, y, dm.last_ids))
+            if after is not None:
+                after(len(out))
+    finally:
+        if hasattr(loader, "_shutdown_workers"):
+            loader._shutdown_workers()
+    return out
+
+
+def checkpoint_roundtrip(state: dict) -> dict:
+    """The state as Lightning would save and load it (torch.save, weights_only load)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_batches_are_shifted_windows_of_the_whole_token_stream(make_dm, stream_server):
+    dm = make_dm(batch_size=16, max_length=64, samples_per_request=32)
+    batches = take(dm, 100)  # ~100k tokens: more than the first play
+    for x, y, _ in batches:
+        assert x.shape == y.shape == (16, 64) and x.dtype == y.dtype == torch.int64
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        assert torch.equal(x[1:, 0], y[:-1, -1]), "rows are consecutive windows (stride max_length)"
+    for (_, y0, _), (x1, _, _) in itertools.pairwise(batches):
+        assert y0[-1, -1] == x1[0, 0]
+    trained = torch.cat([x.flatten() for x, _, _ in batches])
+    # Ground truth: the same consumer's samples read straight from the server, tokenized whole.
+    conn = Connection(stream_server.url).open({"rank": 0, "world_size": 1, "seed": 0})
+    texts, want = [], []
+    while len(want) < trained.numel():
+        conn.request(8)
+        texts += conn.receive_data().texts
+        want = dm.tokenizer.encode("".join(texts), add_special_tokens=False).ids
+    conn.close()
+    assert trained.tolist() == want[: trained.numel()], "every token of the stream, in order"
+    eos, pad = dm.eos_id, dm.tokenizer.token_to_id("<|pad|>")
+    assert (trained == eos).sum() >= 1, "documents are separated by the end-of-text token"
+    assert not (trained == pad).any(), "no padding"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_and_workers_never_share_a_sample(make_dm, workers):
+    seen: dict[str, int] = {}
+    counts = []
+    for rank in range(2):
+        dm = make_dm(
+            f"rank{rank}", rank=rank, world_size=2, num_workers=workers, batch_size=8, max_length=64
+        )
+        batches = take(dm, 60)
+        counts.append(len(batches))
+        for _, _, ids in batches:
+            for sample_id in ids:
+                assert sample_id not in seen, (
+                    f"{sample_id} went to rank {seen[sample_id]} and {rank}"
+                )
+                seen[sample_id] = rank
+    assert counts == [60, 60]
+    assert len(seen) >= 40, "enough samples to mean something"
+
+
+def test_the_same_seed_gives_the_same_batches_and_another_seed_another_order(make_dm):
+    first = [x for x, _, _ in take(make_dm("a", seed=1), 15)]
+    again = [x for x, _, _ in take(make_dm("b", seed=1), 15)]
+    other = [x for x, _, _ in take(make_dm("c", seed=2), 15)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+@pytest.mark.parametrize(("workers", "k"), [(0, 7), (2, 7), (2, 8)])
+def test_a_resumed_module_continues_with_the_next_batch(make_dm, workers, k):
+    n = 16
+    reference = make_dm("ref", num_workers=workers)
+    states = {}
+    batches = take(reference, n, after=lambda i: states.setdefault(i, reference.state_dict()))
+    resumed = make_dm("ref", num_workers=workers)  # everything rebuilt, same run folder
+    resumed.load_state_dict(checkpoint_roundtrip(states[k]))
+    continued = take(resumed, n - k)
+    for (x, y, ids), (x2, y2, ids2) in zip(batches[k:], continued, strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2) and ids == ids2
+
+
+def test_a_resume_with_other_ranks_or_workers_is_refused(make_dm):
+    dm = make_dm(num_workers=0)
+    take(dm, 2)
+    other = make_dm(num_workers=2)
+    with pytest.raises(ValueError, match="read by 1 ranks x 1 workers"):
+        other.load_state_dict(dm.state_dict())
+
+
+def test_the_client_survives_a_killed_and_restarted_server(make_dm, tmp_path):
+    reference_server = ServerProcess([f"hydra.run.dir={tmp_path / 's0'}"]).start()
+    want = take(make_dm("ref", url=reference_server.url), 60)
+    reference_server.stop()
+
+    server = ServerProcess([f"hydra.run.dir={tmp_path / 's1'}"]).start()
+    port = server.url.split(":")[2].split("/")[0]
+    dm = make_dm("chaos", url=server.url, prefetch_batches=2, requests_in_flight=1)
+    restarted = []
+
+    def kill_and_restart(i: int) -> None:
+        if i in (15, 40):
+            old = restarted[-1] if restarted else server
+            old.proc.send_signal(signal.SIGKILL)
+            old.proc.wait()
+            time.sleep(0.5)  # the trainer keeps asking while nothing listens
+            restarted.append(
+                ServerProcess([f"port={port}", f"hydra.run.dir={tmp_path / f's{i}'}"]).start()
+            )
+
+    try:
+        got = take(dm, 60, after=kill_and_restart)
+    finally:
+        for s in [server, *restarted]:
+            s.stop()
+    assert len(restarted) == 2
+    assert [ids for _, _, ids in got] == [ids for _, _, ids in want]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(got, want, strict=True))
+
+
+def test_a_server_that_never_comes_back_fails_clearly_within_the_budget(make_dm, tmp_path):
+    server = ServerProcess([f"hydra.run.dir={tmp_path / 's'}"]).start()
+    dm = make_dm(
+        "gone", url=server.url, recv_timeout_s=2, retry=RetryConfig(budget_s=3, backoff_s=0.2)
+    )
+    loader = iter(dm.train_dataloader())
+    dm.on_before_batch_transfer(next(loader), 0)
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait()
+    started = time.monotonic()
+
+    def drain() -> None:
+        for _ in range(10_000):
+            next(loader)
+
+    with pytest.raises(StreamError) as failed:
+        drain()
+    assert time.monotonic() - started < 3 + 2 + 5
+    message = str(failed.value)
+    assert server.url in message and "make serve" in message and "retry.budget_s" in message
+
+
+def test_no_server_at_the_url_says_how_to_start_one(tmp_path):
+    cfg = stream_cfg("ws://127.0.0.1:9/ws")
+    with pytest.raises(StreamError, match=r"no stream server at ws://127.0.0.1:9/ws .*make serve"):
+        StreamDataModule(cfg, TokenizerConfig(), tmp_path).prepare_data()
+
+
+def test_the_tokenizer_round_trips_text_and_chunks_tokenize_like_whole_documents(shared_tokenizer):
+    tok = load(shared_tokenizer, EOS)
+    for sample in [
+        "To be, or not to be: that is the question.\n\n  Whether 'tis nobler",
+        "Unicode survives: naïve café, 東京, emoji 🎭, tabs\tand\r\nCRLF",
+    ]:
+        assert tok.decode(tok.encode(sample).ids) == sample
+    from streamgpt.server.corpus import Chunking
+
+    doc = "  First line,\n\n   second    line with  spaces.\nThird; and the end.  "
+    chunks = Chunking(words=3).split(doc)
+    by_chunk = [i for c in chunks for i in tok.encode(c, add_special_tokens=False).ids]
+    whole = tok.encode("".join(chunks), add_special_tokens=False).ids
+    assert by_chunk == whole
+    assert whole[-1] == tok.token_to_id(EOS)
+
+
+def test_a_pretrained_tokenizer_file_is_used_as_is(stream_server, tmp_path):
+    given = tmp_path / "given.json"
+    train_bpe(["some text to learn from " * 50], 300, 1, "<eos>", "<pad>").save(str(given))
+    cfg = stream_cfg(stream_server.url)
+    tok_cfg = TokenizerConfig(name="pretrained", path=str(given), eos_token="<eos>")
+    dm = StreamDataModule(cfg, tok_cfg, tmp_path / "run")
+    dm.setup()
+    assert (tmp_path / "run" / "tokenizer.json").read_bytes() == given.read_bytes()
+    original = load(given, "<eos>")
+    assert dm.vocab_size == original.get_vocab_size()
+    x, _, _ = take(dm, 3)[-1]
+    assert dm.eos_id == original.token_to_id("<eos>")
+    assert x.max() < original.get_vocab_size()
+    # The server's <|endoftext|> marker becomes this tokenizer's own end token.
+    ids = dm._encoder()(["the end.<|endoftext|>"])[0]
+    assert ids[-1] == dm.eos_id and dm.tokenizer.decode(ids[:-1]) == "the end."
+
+
+def test_a_pretrained_tokenizer_without_the_eos_token_is_refused(tmp_path, stream_server):
+    given = tmp_path / "given.json"
+    train_bpe(["abc " * 20], 300, 1, "<eos>", "<pad>").save(str(given))
+    tok_cfg = TokenizerConfig(name="pretrained", path=str(given))
+    with pytest.raises(ValueError, match=re.escape("has no end-of-text token '<|endoftext|>'")):
+        StreamDataModule(stream_cfg(stream_server.url), tok_cfg, tmp_path / "run").prepare_data()
+
+
+def test_a_core_only_server_still_trains(tmp_path, caplog):
+    server = CoreOnlyServer()
+    try:
+        caplog.set_level(logging.WARNING, logger="streamgpt.data")
+        cfg = stream_cfg(server.url, valid_size=8, streaming_setup_samples=50)
+        dm = StreamDataModule(cfg, TokenizerConfig(vocab_size=400), tmp_path)
+        dm.setup()
+        batches = take(dm, 20)
+        assert len(batches) == 20 and dm.val_x is not None
+        lines = (tmp_path / "validation.jsonl").read_bytes().splitlines()
+        held_out = {orjson.loads(line)["id"] for line in lines}
+        assert held_out == server.validation, "EIR's way: the server was told the validation ids"
+        trained = {i for _, _, ids in batches for i in ids}
+        assert trained and not trained & held_out
+        assert "speaks only the core protocol" in caplog.text
+    finally:
+        server.stop()
