@@ -1,0 +1,166 @@
+"""LitGPT: BabyGPT trained by Lightning, with the metrics a researcher reads.
+
+Logs train/loss, val/loss, val/ppl, lr, tokens_seen, perf/tokens_per_s (global) and perf/mfu
+(per device, against a peak FLOP/s from the config or measured at start-up). With
+`compile=True` the forward pass is `torch.compile`d, but the compiled wrapper is kept out of the
+module tree: checkpoints hold plain `model.*` keys and generation runs the uncompiled module.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+
+from streamgpt.model import GPT, GPTConfig
+from streamgpt.optim import OptimizerConfig, build_optimizer, build_schedule
+from streamgpt.perf import compute_dtype, matmul_flops
+
+log = logging.getLogger("streamgpt")
+
+
+def pad_vocab(n: int, multiple: int = 64) -> int:
+    """Embedding rows rounded up to a multiple of 64: faster matmuls, a few unused rows."""
+    return -(-n // multiple) * multiple
+
+
+class LitGPT(L.LightningModule):
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optimizer: dict[str, Any],
+        compile: bool = False,
+        peak_flops: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.optim_cfg = OptimizerConfig(**optimizer)
+        self.model: GPT | None = None
+        self.tokens_seen = 0
+        self.peak_flops = peak_flops
+        self._last_step_end: float | None = None
+        self._val_sum = self._val_count = 0.0
+        if model.get("vocab_size"):
+            self._build(model)
+
+    # -- building ----------------------------------------------------------------------------
+
+    def _build(self, model_cfg: dict[str, Any]) -> None:
+        cfg = GPTConfig(**model_cfg)
+        self.model = GPT(cfg)
+        self.hparams["model"] = asdict(cfg)  # the checkpoint rebuilds exactly this model
+        if self.hparams.compile:
+            # Not an attribute Lightning or nn.Module would register: no `_orig_mod.` keys.
+            object.__setattr__(self, "_compiled", torch.compile(self.model))
+        else:
+            object.__setattr__(self, "_compiled", self.model)
+
+    def configure_model(self) -> None:
+        """The vocabulary comes from the run's tokenizer, known once the datamodule is set up."""
+        if self.model is None:
+            datamodule = self.trainer.datamodule
+            if datamodule is None or not hasattr(datamodule, "vocab_size"):
+                raise ValueError(
+                    "model.vocab_size is unset and there is no tokenizer to take it from"
+                )
+            self._build({**self.hparams.model, "vocab_size": pad_vocab(datamodule.vocab_size)})
+
+    @property
+    def gpt(self) -> GPT:
+        assert self.model is not None, "the model is built in configure_model (or give vocab_size)"
+        return self.model
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        return self._compiled(idx, targets)
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        _, loss = self(x, y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        x, _ = batch
+        tokens = x.numel() * self.trainer.world_size
+        self.tokens_seen += tokens
+        now = time.perf_counter()
+        if self._last_step_end is not None:
+            rate = tokens / (now - self._last_step_end)
+            self.log("perf/tokens_per_s", rate)
+            if self.peak_flops:
+                flops = self.gpt.flops_per_token(x.size(1)) * rate / self.trainer.world_size
+                self.log("perf/mfu", flops / self.peak_flops)
+        self._last_step_end = now
+        self.log("tokens_seen", float(self.tokens_seen))
+        self.log("lr", self.optimizers().param_groups[0]["lr"])
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = self._val_count = 0.0
+        self._last_step_end = None  # validation time is not training throughput
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        _, loss = self(x, y)
+        self._val_sum += loss.detach() * x.size(0)
+        self._val_count += x.size(0)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_count:
+            return
+        total = self.trainer.strategy.reduce(
+            torch.stack(
+                [torch.as_tensor(self._val_sum), torch.as_tensor(float(self._val_count))]
+            ).to(self.device),
+            reduce_op="sum",
+        )
+        loss = (total[0] / total[1]).item()
+        # Perplexity of the mean loss (not the mean of per-batch perplexities).
+        self.log("val/loss", loss, sync_dist=False)
+        self.log("val/ppl", math.exp(min(loss, 50.0)), sync_dist=False)
+
+    # -- optimizer ---------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.gpt, self.optim_cfg, self.device.type)
+        schedule = build_schedule(optimizer, self.optim_cfg, self.trainer.max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ):
+        # The clipping norm belongs to the optimizer's config (optimizer.grad_clip).
+        if self.optim_cfg.grad_clip > 0:
+            self.clip_gradients(
+                optimizer,
+                gradient_clip_val=self.optim_cfg.grad_clip,
+                gradient_clip_algorithm="norm",
+            )
+
+    # -- the rest ----------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        if self.peak_flops is None:
+            dtype = compute_dtype(str(self.trainer.precision))
+            self.peak_flops = matmul_flops(self.device, dtype)
+            log.info(
+                "measured matmul peak: %.1f GFLOP/s (%s) for perf/mfu", self.peak_flops / 1e9, dtype
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tokens_seen"] = self.tokens_seen
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "tok_cfg"):
+            # What scripts/generate.py needs besides the run's tokenizer.json.
+            checkpoint["tokenizer"] = {"eos_token": datamodule.tok_cfg.eos_token}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = checkpoint.get("tokens_seen", 0)
+        if self.model is None:  # a checkpoint knows its vocabulary
+            self._build(checkpoint["hyper_parameters"]["model"])

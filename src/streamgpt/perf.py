@@ -1,0 +1,74 @@
+"""Measuring the machine: matmul peak FLOP/s (for MFU), and whether a precision runs well here."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+log = logging.getLogger("streamgpt")
+
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float64 if precision.startswith("64") else torch.float32
+
+
+def matmul_flops(
+    device: torch.device | str, dtype: torch.dtype, size: int = 1024, seconds: float = 0.3
+) -> float:
+    """Sustained FLOP/s of a square matmul on this device and dtype (the best of a few shapes
+    is what a well-fed model can reach; MFU is measured against it)."""
+    device = torch.device(device)
+    best = 0.0
+    for n in (size // 2, size, size * 2):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        _sync(device)
+        runs, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds / 3 or runs < 2:
+            a @ b
+            runs += 1
+        _sync(device)
+        best = max(best, 2 * n**3 * runs / (time.perf_counter() - started))
+    return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check_precision(precision: str, accelerator: str) -> str:
+    """The precision to use: the one asked for, or a clear error; slow choices are warned about."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if cuda:
+        if precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
+            raise ValueError(
+                f"precision={precision}: this GPU has no bfloat16 (compute capability < 8.0); "
+                "use precision=16-mixed (or 32-true)"
+            )
+        return precision
+    if precision.startswith("16"):
+        raise ValueError(
+            f"precision={precision} needs a GPU (float16 autocast on a CPU is not supported by "
+            "Lightning); on a CPU use precision=32-true, or bf16-mixed"
+        )
+    if precision.startswith("bf16") and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning(
+            "precision=%s on a CPU without native bfloat16 (no AVX512-BF16 or AMX): it runs, "
+            "but matrix products are several times slower than float32 here "
+            "(scripts/bench_train.py measures it); precision=32-true is faster on this machine",
+            precision,
+        )
+    return precision
