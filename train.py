@@ -1,13 +1,32 @@
-"""Training entry point: `python train.py model=babygpt precision=bf16-mixed` (Hydra).
+"""Train a GPT on a live text stream: `python train.py [model=babygpt] [precision=bf16-mixed] ...`.
 
-The trainer (stream client, BabyGPT, Lightning module, Hydra app) is being built; until it lands
-this says so instead of pretending. The stream server is ready: `make serve`.
+Configs: conf/train.yaml and its groups; `python train.py --help` lists them, `--cfg job` prints
+the composed config. The work is in src/streamgpt/app.py.
 """
 
+import logging
 import sys
 
+import hydra
+from omegaconf import DictConfig
+
+from streamgpt.config import register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from streamgpt.app import train
+    from streamgpt.data.client import StreamError
+
+    try:
+        return train(cfg)
+    except (ValueError, StreamError, FileNotFoundError) as e:
+        # A config or setup error a user can fix: one line, no traceback.
+        logging.getLogger("streamgpt").error("error: %s", e)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    sys.exit(
-        "streamgpt: training is not implemented yet (the stream client, model and Hydra app are "
-        "in progress); the stream server is ready: make serve"
-    )
+    main()

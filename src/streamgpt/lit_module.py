@@ -128,7 +128,9 @@ class LitGPT(L.LightningModule):
     # -- optimizer ---------------------------------------------------------------------------
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.gpt, self.optim_cfg, self.device.type)
+        mixed = str(self.trainer.precision).endswith("-mixed")
+        fused_ok = not (mixed and self.optim_cfg.grad_clip > 0)
+        optimizer = build_optimizer(self.gpt, self.optim_cfg, self.device.type, fused_ok)
         schedule = build_schedule(optimizer, self.optim_cfg, self.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -159,6 +161,9 @@ class LitGPT(L.LightningModule):
         if datamodule is not None and hasattr(datamodule, "tok_cfg"):
             # What scripts/generate.py needs besides the run's tokenizer.json.
             checkpoint["tokenizer"] = {"eos_token": datamodule.tok_cfg.eos_token}
+        for logger in self.loggers:
+            if type(logger).__name__ == "WandbLogger":  # a resume continues the same W&B run
+                checkpoint["wandb_run_id"] = logger.version
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)

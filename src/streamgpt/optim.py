@@ -84,11 +84,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device_type: str) -> Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimizerConfig, device_type: str, fused_ok: bool = True
+) -> Optimizer:
+    """`fused_ok=False` where the caller cannot use a fused step (Lightning's mixed precision
+    refuses to clip the gradients of an optimizer that unscales them itself)."""
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "lion":
         return Lion(groups, lr=cfg.lr, betas=cfg.betas)
-    fused = device_type in ("cuda", "cpu")  # torch has fused AdamW kernels for both
+    fused = fused_ok and device_type in ("cuda", "cpu")  # torch has fused AdamW for both
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
 
 

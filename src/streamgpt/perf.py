@@ -6,6 +6,7 @@ import logging
 import time
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger("streamgpt")
 
@@ -20,25 +21,27 @@ def compute_dtype(precision: str) -> torch.dtype:
     return torch.float64 if precision.startswith("64") else torch.float32
 
 
-def matmul_flops(
-    device: torch.device | str, dtype: torch.dtype, size: int = 1024, seconds: float = 0.3
-) -> float:
-    """Sustained FLOP/s of a square matmul on this device and dtype (the best of a few shapes
-    is what a well-fed model can reach; MFU is measured against it)."""
+def matmul_flops(device: torch.device | str, dtype: torch.dtype, seconds: float = 0.6) -> float:
+    """Sustained FLOP/s of square matmuls on this device and dtype: the best over sizes from 256
+    up, stopping early where a single product is slow (bfloat16 on a CPU without it can be 100x
+    slower than float32). MFU is measured against this."""
     device = torch.device(device)
-    best = 0.0
-    for n in (size // 2, size, size * 2):
+    best, budget = 0.0, seconds / 4
+    for n in (256, 512, 1024, 2048):
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
-        for _ in range(2):
-            a @ b
+        # F.linear, the kernel nn.Linear uses (on CPUs, bfloat16 `@` takes a far slower path).
+        F.linear(a, b)  # warm-up (kernel selection, allocation)
         _sync(device)
         runs, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds / 3 or runs < 2:
-            a @ b
+        while runs < 2 or time.perf_counter() - started < budget:
+            F.linear(a, b)
             runs += 1
-        _sync(device)
-        best = max(best, 2 * n**3 * runs / (time.perf_counter() - started))
+            _sync(device)
+        elapsed = time.perf_counter() - started
+        best = max(best, 2 * n**3 * runs / elapsed)
+        if elapsed / runs > budget / 4:  # the next size would take 8x longer
+            break
     return best
 
 

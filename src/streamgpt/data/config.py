@@ -34,6 +34,9 @@ class StreamConfig:
     retry: RetryConfig = field(default_factory=RetryConfig)
     # Environment variable holding the server's bearer token (the token never enters a config).
     token_env: str | None = "STREAMGPT_TOKEN"
+    # Write <run>/batches-rank<r>.jsonl: per trained batch, its consumer, sample ids and a hash of
+    # its tokens (data provenance; two runs trained on the same data have the same lines).
+    log_batches: bool = False
 
 
 @dataclass

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -312,8 +313,21 @@ class StreamDataModule(L.LightningDataModule):
             self._trained += 1
             self.last_ids = batch["ids"]
             self.saw_last_batch = self.saw_last_batch or batch.get("last", False)
+            if self.cfg.log_batches:
+                self._log_batch(batch)
             return batch["x"], batch["y"]
         return batch
+
+    def _log_batch(self, batch: dict[str, Any]) -> None:
+        digest = hashlib.blake2b(batch["x"].numpy().tobytes(), digest_size=8).hexdigest()
+        line = {
+            "batch": self._trained,
+            "consumer": batch["consumer"],
+            "ids": batch["ids"],
+            "x": digest,
+        }
+        with (self.run_dir / f"batches-rank{self.rank}.jsonl").open("ab") as f:
+            f.write(orjson.dumps(line) + b"\n")
 
     # -- exact resume ------------------------------------------------------------------------
 

@@ -1,0 +1,360 @@
+"""The training task behind `train.py`: from a composed config to a finished (or resumed) run.
+
+compose -> validate -> find the checkpoint to resume -> start or reach the stream server ->
+DataModule, LitGPT, loggers, callbacks, Trainer -> fit -> say where everything is.
+The embedded server is stopped and W&B is finished whatever happens (errors, Ctrl-C), so
+multirun jobs never leave a server behind or merge into one W&B run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from streamgpt.callbacks import (
+    DataWaitMonitor,
+    LossCurve,
+    SampleGenerations,
+    StepCheckpoint,
+    StreamEndSync,
+)
+from streamgpt.checkpoints import AtomicCheckpointIO, newest_intact, readable
+from streamgpt.config import validate
+from streamgpt.data import StreamDataModule
+from streamgpt.data.client import Connection
+from streamgpt.lit_module import LitGPT
+from streamgpt.perf import check_precision
+from streamgpt.server.process import REPO, ServerProcess
+
+log = logging.getLogger("streamgpt")
+
+PACKAGES = ("torch", "lightning", "hydra-core", "omegaconf", "tokenizers", "websockets", "wandb")
+
+
+def train(cfg: DictConfig) -> float | None:
+    # Lightning calls a deprecated torch API on every batch; the warning is not ours to fix.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    run_dir = Path(cfg.paths.output_dir)
+    validate(cfg)
+    check_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    L.seed_everything(cfg.seed, workers=True)
+    checkpoint = find_checkpoint(cfg, run_dir)
+    is_rank_zero = _local_rank() == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    if is_rank_zero:
+        record_run(cfg, run_dir)
+    loggers: list = []
+    summary: list[str] = []
+    try:
+        with stream_urls(cfg, run_dir) as urls:
+            stream = OmegaConf.merge(cfg.data.stream, {"url": urls})
+            if checkpoint is not None:
+                adopt_run_files(checkpoint, run_dir)
+            datamodule = StreamDataModule(stream, cfg.tokenizer, run_dir)
+            model_cfg = {
+                k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "compile"
+            }
+            model = LitGPT(
+                model_cfg,
+                OmegaConf.to_container(cfg.optimizer),
+                compile=cfg.model.compile,
+                peak_flops=cfg.peak_flops,
+            )
+            loggers = build_loggers(cfg, run_dir, checkpoint)
+            trainer = build_trainer(cfg, run_dir, loggers, validation=stream.valid_size > 0)
+            trainer.fit(model, datamodule=datamodule, ckpt_path=checkpoint)
+            if trainer.is_global_zero:
+                summary = report(run_dir, trainer)
+            metric = trainer.callback_metrics.get(cfg.optimized_metric)
+            return float(metric) if metric is not None else None
+    finally:
+        finish_loggers(loggers)
+        if summary:  # last, below W&B's own closing lines
+            print("\n" + "\n".join(summary), flush=True)
+
+
+# -- where the data comes from ----------------------------------------------------------------
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+@contextlib.contextmanager
+def stream_urls(cfg: DictConfig, run_dir: Path) -> Iterator[list[str]]:
+    """The servers to read from: the configured ones, or an embedded one started here.
+
+    With several processes per node (DDP), the node's local rank 0 starts the embedded server and
+    writes its URL to <run>/server/url-<host>; the node's other ranks read it there.
+    """
+    url = cfg.data.stream.url
+    if url:
+        yield [url] if isinstance(url, str) else [str(u) for u in url]
+        return
+    url_file = run_dir / "server" / f"url-{socket.gethostname()}"
+    if _local_rank() != 0:
+        yield [_wait_for_url(url_file)]
+        return
+    url_file.unlink(missing_ok=True)
+    server = start_embedded_server(cfg, run_dir)
+    try:
+        url_file.write_text(server.url)
+        yield [server.url]
+    finally:
+        code = server.stop()
+        url_file.unlink(missing_ok=True)
+        log.info("embedded stream server stopped (exit code %s)", code)
+
+
+def start_embedded_server(cfg: DictConfig, run_dir: Path) -> ServerProcess:
+    folder = run_dir / "server"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = OmegaConf.to_container(cfg.server, resolve=True)
+    config["port"] = 0
+    config["defaults"] = ["serve_schema", "_self_"]
+    config["hydra"] = {"run": {"dir": str(folder)}, "job": {"name": "serve"}}
+    (folder / "embedded.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    started = time.monotonic()
+    server = ServerProcess(
+        [f"--config-dir={folder}", "--config-name=embedded"], log_file=folder / "stdout.log"
+    ).start()
+    log.info(
+        "embedded stream server (%s) at %s, ready in %.1f s; its log: %s",
+        cfg.server.source.name,
+        server.url,
+        time.monotonic() - started,
+        folder / "serve.log",
+    )
+    return server
+
+
+def _wait_for_url(path: Path, timeout: float = 600.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            url = path.read_text().strip()
+            try:
+                Connection(url, connect_timeout=2).open().close()
+                return url
+            except (OSError, TimeoutError, ConnectionError):
+                pass  # a stale file from an earlier run, or the server is still starting
+        time.sleep(0.5)
+    raise RuntimeError(
+        f"local rank {_local_rank()} found no embedded stream server (waited {timeout:g} s for "
+        f"{path}); every rank of a node must share the run folder (set hydra.run.dir), or point "
+        "all ranks at running servers with data.stream.url"
+    )
+
+
+# -- resuming ---------------------------------------------------------------------------------
+
+
+def find_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    if cfg.ckpt_path:
+        path = Path(cfg.ckpt_path)
+        problem = readable(path)
+        if problem:
+            raise ValueError(f"ckpt_path={path} cannot be resumed from: {problem}")
+        return str(path)
+    if cfg.resume == "auto":
+        path = newest_intact(run_dir / "checkpoints")
+        if path is None:
+            log.info(
+                "resume=auto: no checkpoint in %s yet, starting fresh", run_dir / "checkpoints"
+            )
+            return None
+        log.info("resume=auto: continuing from %s", path)
+        return str(path)
+    return None
+
+
+def adopt_run_files(checkpoint: str, run_dir: Path) -> None:
+    """Resuming another run's checkpoint here: take its tokenizer and validation set too."""
+    source = Path(checkpoint).resolve().parent.parent
+    if source == run_dir.resolve():
+        return
+    for name in ("tokenizer.json", "validation.jsonl"):
+        if (source / name).exists() and not (run_dir / name).exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source / name, run_dir / name)
+
+
+# -- what the run records ---------------------------------------------------------------------
+
+
+def record_run(cfg: DictConfig, run_dir: Path) -> None:
+    """Everything that made this run, beside its outputs: resolved config, versions, commit."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    versions = {}
+    for dist in sorted(metadata.distributions(), key=lambda d: d.metadata["Name"].lower()):
+        versions[dist.metadata["Name"]] = dist.version
+    info = {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": [sys.executable, *sys.argv],
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda": torch.version.cuda,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "git": _git(),
+        "key_packages": {p: versions.get(p) for p in PACKAGES},
+        "packages": versions,
+    }
+    (run_dir / "environment.json").write_text(json.dumps(info, indent=2))
+
+
+def _git() -> dict[str, Any]:
+    def run(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+# -- loggers, callbacks, trainer --------------------------------------------------------------
+
+
+def run_names(cfg: DictConfig) -> tuple[str, str]:
+    """(W&B group, run name): the experiment (and sweep), and this run's overrides."""
+    if not HydraConfig.initialized():  # called outside a Hydra app (tests, notebooks)
+        return "default", "default"
+    hydra = HydraConfig.get()
+    name = hydra.job.override_dirname or "default"
+    group = hydra.runtime.choices.get("experiment") or "default"
+    if hydra.mode == RunMode.MULTIRUN:
+        group = f"{group}/sweep-{Path(hydra.sweep.dir).name}"
+    return group, name
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, checkpoint: str | None) -> list:
+    kind = cfg.logger.kind
+    if kind == "none":
+        return []
+    if kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return [CSVLogger(run_dir, name="csv")]
+    from lightning.pytorch.loggers import WandbLogger
+
+    mode = cfg.logger.mode
+    if mode == "auto":
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    run_id = None
+    if checkpoint is not None:
+        run_id = torch.load(checkpoint, map_location="cpu", weights_only=True).get("wandb_run_id")
+    group, name = run_names(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    logger = WandbLogger(
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        name=name,
+        group=group,
+        tags=list(cfg.logger.tags),
+        save_dir=str(run_dir),
+        offline=mode == "offline",
+        id=run_id,
+        resume="allow" if run_id else None,
+        config=config,
+    )
+    return [logger]
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list, validation: bool) -> L.Trainer:
+    t, cb = cfg.trainer, cfg.callbacks
+    samples = cb.samples
+    callbacks = [
+        DataWaitMonitor(),
+        StreamEndSync(),
+        SampleGenerations(
+            run_dir,
+            every=cb.sample_every,
+            prompts=list(samples.prompts),
+            n_auto=samples.n_auto,
+            max_new_tokens=samples.max_new_tokens,
+            temperature=samples.temperature,
+            top_k=samples.top_k,
+            top_p=samples.top_p,
+            seed=samples.seed,
+        ),
+        LossCurve(run_dir, every=cb.sample_every),
+        StepCheckpoint(run_dir / "checkpoints", cb.checkpoint_every, cb.n_saved, validation),
+    ]
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        precision=t.precision,
+        max_steps=t.max_steps,
+        val_check_interval=t.val_every if validation else None,
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches if validation else 0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=t.log_every_n_steps,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        deterministic=t.deterministic,
+        enable_progress_bar=t.progress_bar,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(run_dir),
+        **t.kwargs,
+    )
+
+
+def finish_loggers(loggers: list) -> None:
+    for logger in loggers:
+        with contextlib.suppress(Exception):
+            logger.finalize("success")
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def report(run_dir: Path, trainer: L.Trainer) -> list[str]:
+    step = trainer.global_step
+    lines = [
+        f"run folder:  {run_dir}",
+        f"samples:     {run_dir / 'samples' / f'iter_{step}'}",
+        f"loss curve:  {run_dir / 'training_curve_LOSS.png'}",
+        f"checkpoints: {run_dir / 'checkpoints'}",
+    ]
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger":
+            run = logger.experiment
+            offline = getattr(run.settings, "_offline", False) or run.settings.mode == "offline"
+            where = Path(run.dir).parent
+            lines.append(
+                f"W&B run:     {where} (offline; to view: wandb sync {where})"
+                if offline
+                else f"W&B run:     {run.url}"
+            )
+        elif type(logger).__name__ == "CSVLogger":
+            lines.append(f"metrics:     {Path(logger.log_dir) / 'metrics.csv'}")
+    return lines

@@ -1,0 +1,274 @@
+"""The Hydra app as users run it: `python train.py ...` in a subprocess, on a real stream."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+from streamgpt.config import register_configs, validate
+
+from .wandb_log import history
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+GROUPS = [
+    "model",
+    "optimizer",
+    "precision",
+    "data/stream",
+    "tokenizer",
+    "trainer",
+    "logger",
+    "callbacks",
+    "paths",
+    "hydra",
+    "experiment",
+    "debug",
+    "hparams_search",
+]
+# Small enough for a CPU test: tiny batches and vocabulary, few validation samples.
+SMALL = [
+    "data.stream.batch_size=2",
+    "data.stream.valid_size=16",
+    "data.stream.streaming_setup_samples=150",
+    "tokenizer.vocab_size=400",
+    "trainer.limit_val_batches=1",
+    "callbacks.samples.max_new_tokens=8",
+]
+
+
+def options():
+    for group in GROUPS:
+        for path in sorted((CONF / group).glob("*.yaml")):
+            yield f"{group}={path.stem}"
+    for path in sorted((CONF / "source").glob("*.yaml")):
+        yield f"source@server.source={path.stem}"
+
+
+def compose_train(overrides: list[str]):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize("override", list(options()))
+def test_every_option_of_every_group_composes(override):
+    cfg = compose_train([override])
+    assert cfg.model.d_model > 0 and cfg.trainer.precision
+    HydraConfig.instance().set_config(cfg)
+    assert OmegaConf.select(cfg, "hydra.run.dir").startswith(f"outputs/{cfg.task}/runs/")
+    if not override.startswith(("tokenizer=pretrained", "hparams_search")):
+        validate(cfg)
+
+
+def train(
+    run_dir: Path, *overrides: str, timeout: float = 600, env=None
+) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *overrides]
+    return subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "WANDB_API_KEY": "", **(env or {})},
+    )
+
+
+def processes_using(path: Path) -> list[str]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if str(path) in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_train_with_no_server_running_writes_every_artifact_and_leaves_nothing_behind(tmp_path):
+    run = tmp_path / "run"
+    done = train(
+        run,
+        "model=babygpt-tiny",
+        "precision=bf16-mixed",
+        "trainer.max_steps=5",
+        "trainer.val_every=5",
+        "callbacks.sample_every=5",
+        "callbacks.checkpoint_every=5",
+        "trainer.log_every_n_steps=1",
+        *SMALL,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in (
+        ".hydra/config.yaml",
+        "config_resolved.yaml",
+        "environment.json",
+        "train.log",
+        "tokenizer.json",
+        "checkpoints/last.ckpt",
+        "samples/iter_5/manual_0.txt",
+        "samples/iter_5/manual_1.txt",
+        "samples/iter_5/auto_0.txt",
+        "training_curve_LOSS.png",
+        "server/serve.log",
+    ):
+        assert (run / name).exists(), name
+    env = json.loads((run / "environment.json").read_text())
+    assert env["git"]["commit"] and env["key_packages"]["torch"].startswith("2.13")
+    assert "trainer:\n  accelerator: auto" in (run / "config_resolved.yaml").read_text()
+    wandb_runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 1
+    losses = [row["train/loss"] for row in history(wandb_runs[0]) if "train/loss" in row]
+    assert len(losses) == 5
+    assert f"run folder:  {run}" in done.stdout and "wandb sync" in done.stdout
+    assert processes_using(run) == [], "the embedded server outlived the run"
+
+
+@pytest.mark.slow
+def test_a_two_job_multirun_gives_two_folders_and_two_wandb_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "optimizer.lr=1e-3,3e-4",
+        "model=babygpt-tiny",
+        f"hydra.sweep.dir={sweep}",
+        "debug=default",
+        *SMALL,
+    ]
+    done = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "WANDB_API_KEY": ""},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1"]
+    runs = [next((job / "wandb").glob("offline-run-*")) for job in jobs]
+    assert runs[0].name.split("-")[-1] != runs[1].name.split("-")[-1], "two W&B runs, not one"
+    for job in jobs:
+        assert (job / "checkpoints" / "last.ckpt").exists()
+    config = runs[0] / "files" / "config.yaml"
+    if config.exists():  # wandb writes it at the end of an offline run
+        assert "optimizer" in config.read_text()
+
+
+def read_batches(run: Path) -> dict[int, dict]:
+    lines = (run / "batches-rank0.jsonl").read_text().splitlines()
+    return {row["batch"]: row for row in map(json.loads, lines)}
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_with_the_same_wandb_run_step_and_data(tmp_path):
+    common = [
+        "trainer.max_steps=12",
+        "trainer.val_every=4",
+        "callbacks.checkpoint_every=4",
+        "callbacks.sample_every=4",
+        "data.stream.log_batches=true",
+        *SMALL,
+    ]
+    reference = tmp_path / "reference"
+    assert train(reference, *common).returncode == 0
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", f"hydra.run.dir={run}", *common],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "WANDB_API_KEY": ""},
+    )
+    deadline = time.monotonic() + 300
+    while not list((run / "checkpoints").glob("step=0000008*.ckpt")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no step-8 checkpoint"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(1)
+    assert processes_using(run) == [], "the embedded server died with its trainer"
+    done = train(run, *common, "resume=auto")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resume=auto: continuing from" in (run / "train.log").read_text()
+    ids = {p.name.split("-")[-1] for p in (run / "wandb").glob("offline-run-*")}
+    assert len(ids) == 1, f"one W&B run id across the resume, got {ids}"
+    want, got = read_batches(reference), read_batches(run)
+    assert max(got) == 12
+    for step in range(9, 13):
+        assert got[step]["x"] == want[step]["x"] and got[step]["ids"] == want[step]["ids"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.n_layr=2"], "Key 'n_layr' not in 'ModelConfig'"),
+        (["model=gpt5"], "Could not find 'model/gpt5'"),
+        (
+            ["data.stream.url=ws://127.0.0.1:9/ws", "logger=none"],
+            "no stream server at ws://127.0.0.1:9/ws",
+        ),
+        (["model.n_heads=5"], "model.d_model=128 is not divisible by model.n_heads=5"),
+        (["data.stream.max_length=256"], "data.stream.max_length=256 exceeds model.context=128"),
+        (["resume=auto", "ckpt_path=x.ckpt"], "resume=auto and ckpt_path both"),
+        (["precision=16-mixed", "trainer.accelerator=cpu"], "precision=16-mixed needs a GPU"),
+    ],
+)
+def test_a_bad_command_exits_nonzero_with_one_clear_line(tmp_path, overrides, message):
+    done = train(tmp_path / "run", *overrides, timeout=120)
+    assert done.returncode != 0
+    assert message in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_every_experiment_runs_two_steps_end_to_end(tmp_path, experiment):
+    run = tmp_path / "run"
+    done = train(
+        run,
+        f"experiment={experiment}",
+        "trainer.max_steps=2",
+        "trainer.val_every=2",
+        "callbacks.sample_every=2",
+        "callbacks.checkpoint_every=2",
+        "logger=csv",
+        *SMALL,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert (run / "samples" / "iter_2" / "manual_1.txt").read_text().startswith("Steven")
+
+
+@pytest.mark.slow
+def test_an_optuna_search_runs_trials_and_reports_the_best(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable,
+        "train.py",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
+        f"hydra.sweep.dir={sweep}",
+        "debug=default",
+        "logger=csv",
+        *SMALL,
+    ]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()) == ["0", "1"]
+    best = (sweep / "optimization_results.yaml").read_text()
+    assert "best_params" in best and "optimizer.lr" in best
