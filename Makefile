@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Extra arguments for serve/train/bench, e.g. `make serve ARGS="port=8765 source=files source.paths=corpus/"`.
+# Extra arguments for serve/train, e.g. `make serve ARGS="port=8765 source=files source.paths=[corpus/]"`.
 ARGS ?=
 
 .PHONY: help install data serve train test test-fast lint bench clean
@@ -42,8 +42,10 @@ lint: install ## ruff lint and format check
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-bench: data ## Run the benchmarks (figures go in BENCHMARKS.md)
-	$(PY) scripts/bench_server.py $(ARGS)
+bench: data ## Run the benchmarks (figures go in BENCHMARKS.md; ~40 min on 2 cores)
+	$(PY) scripts/bench_server.py
+	$(PY) scripts/bench_pipeline.py
+	$(PY) scripts/bench_train.py
 
 clean: ## Remove the venv, caches and run outputs (keeps the downloaded corpus)
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

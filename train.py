@@ -17,10 +17,13 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from streamgpt.app import train
+    from streamgpt.config import validate
     from streamgpt.data.client import StreamError
 
     try:
+        validate(cfg)  # before importing Lightning: a bad value costs seconds, not a long import
+        from streamgpt.app import train
+
         return train(cfg)
     except (ValueError, StreamError, FileNotFoundError) as e:
         # A config or setup error a user can fix: one line, no traceback.

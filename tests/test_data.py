@@ -259,3 +259,40 @@ def test_a_core_only_server_still_trains(tmp_path, caplog):
         assert "speaks only the core protocol" in caplog.text
     finally:
         server.stop()
+
+
+def test_consumer_k_reads_from_replica_k_mod_n_and_replicas_give_the_same_batches(
+    make_dm, tmp_path
+):
+    with (
+        ServerProcess([f"hydra.run.dir={tmp_path / 'a'}"]) as a,
+        ServerProcess([f"hydra.run.dir={tmp_path / 'b'}"]) as b,
+    ):
+        replicas = take(make_dm("replicas", url=[a.url, b.url], num_workers=2), 12)
+        served = []
+        for server in (a, b):
+            conn = Connection(server.url).open()
+            served.append(conn.status()["samples_served"])
+            conn.close()
+        single = take(make_dm("single", url=a.url, num_workers=2), 12)
+    assert all(n > 0 for n in served), f"both replicas served consumers: {served}"
+    for (x1, _, ids1), (x2, _, ids2) in zip(replicas, single, strict=True):
+        assert torch.equal(x1, x2) and ids1 == ids2
+
+
+def test_replicas_of_different_corpora_are_refused(make_dm, tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("some other text " * 300)
+    with (
+        ServerProcess([f"hydra.run.dir={tmp_path / 'a'}"]) as a,
+        ServerProcess(
+            [
+                "source=files",
+                f"source.paths=[{tmp_path / 'corpus'}]",
+                "source.validation_fraction=0",
+                f"hydra.run.dir={tmp_path / 'b'}",
+            ]
+        ) as b,
+        pytest.raises(StreamError, match="the servers disagree"),
+    ):
+        make_dm("mixed", url=[a.url, b.url])

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from streamgpt.callbacks import DataWaitMonitor, StreamEndSync
+from streamgpt.callbacks import StreamEndSync, ThroughputMonitor
 from streamgpt.data import StreamDataModule, TokenizerConfig
 from streamgpt.server.process import ServerProcess
 
@@ -28,7 +28,7 @@ def fit(url, run: Path, steps: int, ckpt_path=None, every=None, workers=0):
     dm = StreamDataModule(
         stream_cfg(url, num_workers=workers), TokenizerConfig(vocab_size=512), run
     )
-    callbacks = [DataWaitMonitor(), StreamEndSync()]
+    callbacks = [ThroughputMonitor(), StreamEndSync()]
     if every:
         callbacks.append(
             ModelCheckpoint(dirpath=run / "ckpt", every_n_train_steps=every, save_top_k=-1)

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from streamgpt.lit_module import LitGPT, pad_vocab
-from streamgpt.model import GPT, GPTConfig, sample
+from streamgpt.model import GPT, GPTConfig, Linear, sample
 from streamgpt.optim import Lion, OptimizerConfig, build_optimizer, lr_factor
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -61,6 +61,27 @@ def test_cached_generation_equals_full_recompute_token_for_token(variant, prompt
     cached = model.generate(prompt, 50, temperature=0)  # runs past the context of 24
     recomputed = model.generate(prompt, 50, temperature=0, use_cache=False)
     assert cached == recomputed and len(cached) == 50
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_cpu_bfloat16_linear_has_the_gradients_of_nn_linear(bias):
+    torch.manual_seed(6)
+    ours = Linear(48, 40, bias=bias)
+    plain = torch.nn.Linear(48, 40, bias=bias)
+    plain.load_state_dict(ours.state_dict())
+    x1 = torch.randn(3, 7, 48, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y1, y2 = ours(x1), plain(x2)
+    assert y1.dtype == y2.dtype == torch.bfloat16
+    g = torch.randn_like(y1, dtype=torch.float32)
+    y1.float().backward(g)
+    y2.float().backward(g)
+    assert torch.equal(y1, y2)
+    for a, b in [(x1.grad, x2.grad), (ours.weight.grad, plain.weight.grad)]:
+        assert torch.allclose(a, b, rtol=2e-2, atol=2e-2)
+    if bias:
+        assert torch.allclose(ours.bias.grad, plain.bias.grad, rtol=2e-2, atol=2e-2)
 
 
 def test_sampling_is_seeded_and_stops_at_the_end_token():

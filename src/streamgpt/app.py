@@ -32,11 +32,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from streamgpt.callbacks import (
-    DataWaitMonitor,
     LossCurve,
     SampleGenerations,
     StepCheckpoint,
     StreamEndSync,
+    ThroughputMonitor,
 )
 from streamgpt.checkpoints import AtomicCheckpointIO, newest_intact, readable
 from streamgpt.config import validate
@@ -59,8 +59,7 @@ def train(cfg: DictConfig) -> float | None:
     check_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     L.seed_everything(cfg.seed, workers=True)
     checkpoint = find_checkpoint(cfg, run_dir)
-    is_rank_zero = _local_rank() == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
-    if is_rank_zero:
+    if _global_rank() == 0 and _local_rank() == 0:
         record_run(cfg, run_dir)
     loggers: list = []
     summary: list[str] = []
@@ -96,7 +95,12 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def _local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    """This process's rank on its node, under torchrun / Lightning (LOCAL_RANK) or srun."""
+    return int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0)
+
+
+def _global_rank() -> int:
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
 
 
 @contextlib.contextmanager
@@ -287,7 +291,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list, validation: boo
     t, cb = cfg.trainer, cfg.callbacks
     samples = cb.samples
     callbacks = [
-        DataWaitMonitor(),
+        ThroughputMonitor(),  # first: it times the step before the other callbacks run
         StreamEndSync(),
         SampleGenerations(
             run_dir,

@@ -3,7 +3,7 @@
 - SampleGenerations: text from fixed prompts and unconditional samples every `every` steps.
 - LossCurve: training_curve_LOSS.png (train and validation loss against steps and tokens).
 - StepCheckpoint: checkpoints every `every` steps, the best n by val/loss plus last.ckpt.
-- DataWaitMonitor: perf/data_wait_s, the time each step waited for its batch.
+- ThroughputMonitor: perf/data_wait_s, perf/tokens_per_s, perf/mfu.
 - StreamEndSync: all ranks stop after the same step when a finite stream runs out.
 All files are written atomically (a temporary file renamed into place).
 """
@@ -257,36 +257,48 @@ class StepCheckpoint(ModelCheckpoint):
         pass  # a stream has no epochs worth a checkpoint
 
 
-class DataWaitMonitor(L.Callback):
-    """Logs `perf/data_wait_s`: how long each step waited for its batch.
+class ThroughputMonitor(L.Callback):
+    """perf/data_wait_s, perf/step_s, perf/tokens_per_s (global) and perf/mfu (per device).
 
-    Measured in the training process from the end of one step to the start of the next, which is
-    where a starving trainer loses time, whatever the DataLoader workers are doing.
+    Put it first among the callbacks: a step's compute time is measured from its batch arriving
+    to the end of its optimizer step, before any other callback (sampling, checkpointing) runs;
+    the data wait from the end of everything after the previous step (the module stamps
+    `hooks_done` once all callbacks and validation are through) to the next batch arriving.
+    Throughput is tokens / (wait + compute): what the run really gets, minus our own reporting.
     """
 
     def __init__(self) -> None:
-        self._step_end: float | None = None
-        self.total_s = 0.0
+        self._start: float | None = None
+        self._wait: float | None = None
+        self._end: float | None = None
+        self.total_wait_s = 0.0
 
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
-    ) -> None:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         now = time.perf_counter()
-        if self._step_end is not None:
-            wait = now - self._step_end
-            self.total_s += wait
-            pl_module.log("perf/data_wait_s", wait, on_step=True, on_epoch=False)
+        done = max(filter(None, (getattr(pl_module, "hooks_done", None), self._end)), default=None)
+        self._wait = now - done if done is not None else None
+        if self._wait is not None:
+            self.total_wait_s += self._wait
+            pl_module.log("perf/data_wait_s", self._wait)
+        self._start = now
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
-    ) -> None:
-        self._step_end = time.perf_counter()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        self._end = now
+        compute = now - self._start
+        pl_module.log("perf/step_s", compute)
+        if self._wait is None:
+            return
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch["x"]
+        rate = x.numel() * trainer.world_size / (compute + self._wait)
+        pl_module.log("perf/tokens_per_s", rate)
+        peak = getattr(pl_module, "peak_flops", None)
+        if peak and hasattr(pl_module, "gpt"):
+            flops = pl_module.gpt.flops_per_token(x.size(1)) * rate / trainer.world_size
+            pl_module.log("perf/mfu", flops / peak)
 
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._step_end = None  # validation time is not waiting for training data
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        self._step_end = None  # nor is writing a checkpoint
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._end = None  # validation is not waiting for training data
 
 
 class StreamEndSync(L.Callback):

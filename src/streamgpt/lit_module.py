@@ -1,7 +1,7 @@
 """LitGPT: BabyGPT trained by Lightning, with the metrics a researcher reads.
 
-Logs train/loss, val/loss, val/ppl, lr, tokens_seen, perf/tokens_per_s (global) and perf/mfu
-(per device, against a peak FLOP/s from the config or measured at start-up). With
+Logs train/loss, val/loss, val/ppl, lr and tokens_seen; callbacks.ThroughputMonitor adds
+perf/tokens_per_s and perf/mfu (against `peak_flops`: from the config, or measured at start). With
 `compile=True` the forward pass is `torch.compile`d, but the compiled wrapper is kept out of the
 module tree: checkpoints hold plain `model.*` keys and generation runs the uncompiled module.
 """
@@ -43,7 +43,7 @@ class LitGPT(L.LightningModule):
         self.model: GPT | None = None
         self.tokens_seen = 0
         self.peak_flops = peak_flops
-        self._last_step_end: float | None = None
+        self.hooks_done: float | None = None
         self._val_sum = self._val_count = 0.0
         if model.get("vocab_size"):
             self._build(model)
@@ -88,22 +88,18 @@ class LitGPT(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         x, _ = batch
-        tokens = x.numel() * self.trainer.world_size
-        self.tokens_seen += tokens
-        now = time.perf_counter()
-        if self._last_step_end is not None:
-            rate = tokens / (now - self._last_step_end)
-            self.log("perf/tokens_per_s", rate)
-            if self.peak_flops:
-                flops = self.gpt.flops_per_token(x.size(1)) * rate / self.trainer.world_size
-                self.log("perf/mfu", flops / self.peak_flops)
-        self._last_step_end = now
+        self.tokens_seen += x.numel() * self.trainer.world_size
         self.log("tokens_seen", float(self.tokens_seen))
         self.log("lr", self.optimizers().param_groups[0]["lr"])
+        # Module hooks run after every callback's: from here on the step's own work is done
+        # (perf/data_wait_s and perf/tokens_per_s count from this moment; ThroughputMonitor).
+        self.hooks_done = time.perf_counter()
+
+    def on_validation_end(self) -> None:
+        self.hooks_done = time.perf_counter()
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum = self._val_count = 0.0
-        self._last_step_end = None  # validation time is not training throughput
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
@@ -148,6 +144,13 @@ class LitGPT(L.LightningModule):
     # -- the rest ----------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
+        for logger in self.loggers:
+            logger.log_hyperparams(
+                {
+                    "model/params": self.gpt.num_params(),
+                    "model/flops_per_token": self.gpt.flops_per_token(),
+                }
+            )
         if self.peak_flops is None:
             dtype = compute_dtype(str(self.trainer.precision))
             self.peak_flops = matmul_flops(self.device, dtype)

@@ -1,0 +1,156 @@
+"""The data pipeline alone: tokens/s delivered as training batches (no model), in one run.
+
+Our server (embedded corpus) feeds StreamDataModule with 1 consumer (the main process) and with 4
+(DataLoader workers); batches are drawn as fast as they come. Reported: tokens/s, the time to the
+first batch, and tokens per CPU-second of the client (JSON, tokenization, packing: the cost a
+trainer host pays per core). Against it, in the same run: babygpt training tokens/s on this CPU
+(fp32), and, on paper, what one H100 training babygpt at 40% MFU needs per core of a 16-core host.
+
+    python scripts/bench_pipeline.py [--seconds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from streamgpt.data import StreamConfig, StreamDataModule, TokenizerConfig
+from streamgpt.server.process import ServerProcess
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import load_config
+
+H100_BF16 = 989.5e12
+BATCH, LENGTH = 64, 512  # babygpt / EIR tutorial 02
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    total = sum(proc.cpu_times()[:2])
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):  # a worker that just exited
+            total += sum(child.cpu_times()[:2])
+    return total
+
+
+def pipeline(url: str, tokenizer: Path, consumers: int, seconds: float) -> dict:
+    run = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    shutil.copy(tokenizer, run / "tokenizer.json")
+    cfg = StreamConfig(
+        url=url,
+        batch_size=BATCH,
+        max_length=LENGTH,
+        valid_size=0,
+        num_workers=consumers if consumers > 1 else 0,
+        prefetch_batches=8,
+    )
+    dm = StreamDataModule(cfg, TokenizerConfig(), run)
+    dm.setup()
+    me = psutil.Process()
+    started = time.perf_counter()
+    batches = iter(dm.train_dataloader())
+    dm.on_before_batch_transfer(next(batches), 0)
+    first = time.perf_counter() - started
+    cpu0, t0, tokens = cpu_seconds(me), time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        x, _ = dm.on_before_batch_transfer(next(batches), 0)
+        tokens += x.numel()
+    elapsed = time.perf_counter() - t0
+    cpu = cpu_seconds(me) - cpu0
+    if hasattr(batches, "_shutdown_workers"):
+        batches._shutdown_workers()
+    shutil.rmtree(run)
+    return {
+        "consumers": consumers,
+        "tokens_per_s": tokens / elapsed,
+        "first_batch_s": first,
+        "tokens_per_cpu_s": tokens / cpu,
+    }
+
+
+def babygpt_cpu_tokens_per_s(seconds: float) -> float:
+    from streamgpt.model import GPT
+    from streamgpt.optim import OptimizerConfig, build_optimizer
+
+    torch.manual_seed(0)
+    model = GPT(load_config("babygpt"))
+    optimizer = build_optimizer(model, OptimizerConfig(), "cpu")
+    x = torch.randint(0, 8192, (4, LENGTH))
+    steps, started = 0, None
+    while started is None or time.perf_counter() - started < seconds or steps < 2:
+        _, loss = model(x, x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if started is None:
+            started = time.perf_counter()  # the first step is a warm-up
+        else:
+            steps += 1
+    return steps * x.numel() / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    quiet = ["log_every_s=3600", "hydra.run.dir=" + tempfile.mkdtemp(prefix="bench-serve-")]
+    with ServerProcess(quiet) as server:
+        run = Path(tempfile.mkdtemp(prefix="bench-tokenizer-"))
+        setup = StreamDataModule(
+            StreamConfig(url=server.url, valid_size=0, streaming_setup_samples=2000),
+            TokenizerConfig(vocab_size=8192),
+            run,
+        )
+        setup.prepare_data()  # the tokenizer babygpt would use: BPE 8192 on streamed text
+        rows = [pipeline(server.url, run / "tokenizer.json", c, args.seconds) for c in (1, 4)]
+    train_rate = babygpt_cpu_tokens_per_s(args.seconds)
+    model = __import__("streamgpt.model", fromlist=["GPT"]).GPT(load_config("babygpt"))
+    h100 = 0.40 * H100_BF16 / model.flops_per_token()
+    per_core = h100 / 16
+
+    print(f"\npipeline: batches of {BATCH} x {LENGTH} tokens from a live stream (no model)")
+    print("| consumers | tokens/s | first batch s | tokens per client CPU-second |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['consumers']} | {r['tokens_per_s']:.0f} | {r['first_batch_s']:.2f} | "
+            f"{r['tokens_per_cpu_s']:.0f} |"
+        )
+    best = max(r["tokens_per_s"] for r in rows)
+    per_cpu = max(r["tokens_per_cpu_s"] for r in rows)
+    print(
+        f"\nbabygpt trains at {train_rate:.0f} tokens/s on this CPU (fp32): the pipeline delivers "
+        f"{best / train_rate:.0f}x that"
+    )
+    print(
+        f"one H100 at 40% MFU trains babygpt at {h100 / 1e6:.2f} M tokens/s = "
+        f"{per_core / 1e3:.0f} k tokens/s per core of a 16-core host; one client core delivers "
+        f"{per_cpu / 1e3:.0f} k "
+        f"({per_cpu / per_core:.1f}x)"
+    )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "pipeline": rows,
+                    "babygpt_cpu_tokens_per_s": train_rate,
+                    "h100_tokens_per_s": h100,
+                    "needed_per_core": per_core,
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
