@@ -9,6 +9,7 @@ import sys
 
 import hydra
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from streamgpt.config import register_configs
 
@@ -25,6 +26,13 @@ def main(cfg: DictConfig) -> float | None:
         from streamgpt.app import train
 
         return train(cfg)
+    except MissingMandatoryValue as e:
+        logging.getLogger("streamgpt").error(
+            "error: %s has no value; set it on the command line, e.g. %s=...",
+            e.full_key,
+            e.full_key,
+        )
+        sys.exit(2)
     except (ValueError, StreamError, FileNotFoundError) as e:
         # A config or setup error a user can fix: one line, no traceback.
         logging.getLogger("streamgpt").error("error: %s", e)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from streamgpt.config import register_configs, validate
 
@@ -68,8 +70,79 @@ def test_every_option_of_every_group_composes(override):
     assert cfg.model.d_model > 0 and cfg.trainer.precision
     HydraConfig.instance().set_config(cfg)
     assert OmegaConf.select(cfg, "hydra.run.dir").startswith(f"outputs/{cfg.task}/runs/")
-    if not override.startswith(("tokenizer=pretrained", "hparams_search")):
+    if override in ("tokenizer=pretrained", "source@server.source=files"):
+        # These need a path from the user; without one, validate names the key.
+        with pytest.raises((MissingMandatoryValue, ValueError), match="path"):
+            validate(cfg)
+    elif not override.startswith("hparams_search"):
         validate(cfg)
+
+
+# A bad value of every kind a user can type: each is refused by validate() in one line that
+# names the key (and the accepted values), before any server, tokenizer or model exists.
+BAD_VALUES = [
+    ("model.n_heads=5", "model.d_model=128 is not divisible by model.n_heads=5"),
+    ("model.norm=batch", "model.norm must be one of"),
+    ("model.dropout=1.5", "model.dropout must be in [0, 1)"),
+    ("data.stream.max_length=256", "data.stream.max_length=256 exceeds model.context=128"),
+    ("data.stream.batch_size=0", "data.stream.batch_size must be positive, got 0"),
+    ("data.stream.num_workers=-1", "data.stream.num_workers must be >= 0"),
+    ("data.stream.recv_timeout_s=0", "data.stream.recv_timeout_s must be positive"),
+    ("data.stream.retry.max_backoff_s=0.1", "data.stream.retry.max_backoff_s must be >="),
+    ("data.stream.url=http://host:80/ws", "data.stream.url must be a ws:// or wss:// URL"),
+    ("data.stream.url=[]", "data.stream.url must be a ws:// or wss:// URL"),
+    ("tokenizer.vocab_size=100", "tokenizer.vocab_size must be >= 258"),
+    ("tokenizer.name=wordpiece", "tokenizer.name must be bpe or pretrained"),
+    ("data.stream.streaming_setup_samples=0", "data.stream.streaming_setup_samples must be"),
+    ("optimizer.lr=-1", "optimizer.lr must be positive"),
+    ("optimizer.name=sgd", "optimizer.name must be one of"),
+    ("trainer.precision=fp8", "trainer.precision must be one of"),
+    ("trainer.accelerator=gpus", "trainer.accelerator must be one of"),
+    ("trainer.deterministic=yes", "trainer.deterministic must be true, false or warn"),
+    ("trainer.limit_val_batches=1.5", "trainer.limit_val_batches must be a fraction"),
+    ("trainer.max_steps=0", "trainer.max_steps must be positive"),
+    ("callbacks.checkpoint_every=150", "callbacks.checkpoint_every=150 must be a multiple"),
+    ("callbacks.n_saved=-1", "callbacks.n_saved must be >= 0"),
+    ("callbacks.samples.top_p=0", "callbacks.samples.top_p must be in (0, 1]"),
+    ("callbacks.samples.temperature=0", "callbacks.samples.temperature must be positive"),
+    ("logger.mode=cloud", "logger.mode must be auto, online or offline"),
+    ("resume=yes", "resume must be 'auto' or null"),
+    ("ckpt_path=/nonexistent/last.ckpt", "ckpt_path=/nonexistent/last.ckpt: no such file"),
+    ("peak_flops=0", "peak_flops must be positive or null"),
+    ("server.source.name=wiki", "server.source.name must be one of ['shakespeare'"),
+    ("server.source.validation_fraction=1", "server.source.validation_fraction must be in [0, 1)"),
+    ("server.chunk.words=0", "server.chunk.words must be a positive integer"),
+    ("server.chunk.whitespace=strip", "server.chunk.whitespace must be preserve or collapse"),
+    ("server.limits.max_batch_size=0", "server.limits.max_batch_size must be positive"),
+    ("server.end.max_epochs=0", "server.end.max_epochs must be a positive integer or null"),
+    ("server.port=70000", "server.port must be in [0, 65535]"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_VALUES)
+def test_every_bad_value_is_refused_in_one_line_naming_the_key(override, message):
+    cfg = compose_train([override])
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        validate(cfg)
+    assert "\n" not in str(error.value)
+
+
+def test_a_bad_files_source_is_refused_in_one_line_before_any_data_is_read(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    cfg = compose_train(["source@server.source=files", f"server.source.paths=[{missing}]"])
+    with pytest.raises(ValueError, match="is not a folder, file or glob"):
+        validate(cfg)
+    (tmp_path / "empty").mkdir()
+    cfg = compose_train(["source@server.source=files", f"server.source.paths=[{tmp_path}/empty]"])
+    with pytest.raises(ValueError, match="matched no"):
+        validate(cfg)
+    cfg = compose_train(["source@server.source=fineweb", "server.source.validation_docs=3"])
+    with pytest.raises(
+        ValueError, match=r"server\.source\.validation_docs must be null for fineweb"
+    ):
+        validate(cfg)
+    # A remote server: the embedded server's settings are not used, so not checked.
+    validate(compose_train(["data.stream.url=ws://127.0.0.1:9/ws", "server.chunk.words=0"]))
 
 
 def train(
@@ -224,6 +297,8 @@ def test_a_killed_run_resumes_with_the_same_wandb_run_step_and_data(tmp_path):
         (["data.stream.max_length=256"], "data.stream.max_length=256 exceeds model.context=128"),
         (["resume=auto", "ckpt_path=x.ckpt"], "resume=auto and ckpt_path both"),
         (["precision=16-mixed", "trainer.accelerator=cpu"], "precision=16-mixed needs a GPU"),
+        (["source@server.source=files"], "server.source.paths has no value"),
+        (["server.source.validation_docs=-1"], "server.source.validation_docs must be >= 0"),
     ],
 )
 def test_a_bad_command_exits_nonzero_with_one_clear_line(tmp_path, overrides, message):

@@ -8,6 +8,7 @@ import logging
 import re
 import shutil
 import signal
+import threading
 import time
 
 import orjson
@@ -296,3 +297,61 @@ def test_replicas_of_different_corpora_are_refused(make_dm, tmp_path):
         pytest.raises(StreamError, match="the servers disagree"),
     ):
         make_dm("mixed", url=[a.url, b.url])
+
+
+@pytest.fixture
+def proxy(stream_server):
+    from .proxy import ChaosProxy
+
+    chaos = ChaosProxy(stream_server.url)
+    yield chaos
+    chaos.stop()
+
+
+@pytest.mark.parametrize("fault", ["stall", "garble_once"])
+def test_a_stalled_or_garbled_server_is_detected_and_the_stream_continues_exactly(
+    make_dm, proxy, fault
+):
+    want = take(make_dm("ref", samples_per_request=2), 40)
+    dm = make_dm(
+        "chaos",
+        url=proxy.url,
+        samples_per_request=2,
+        prefetch_batches=1,
+        requests_in_flight=1,
+        recv_timeout_s=1.0,
+    )
+
+    def inject(i: int) -> None:
+        if i == 10:
+            proxy.mode = fault
+            if fault == "stall":
+                threading.Timer(3.0, lambda: setattr(proxy, "mode", "pass")).start()
+
+    got = take(dm, 40, after=inject)
+    assert proxy.connections >= 2, "the client reconnected"
+    assert [ids for _, _, ids in got] == [ids for _, _, ids in want]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("fault", ["stall", "garble"])
+def test_a_server_that_stays_broken_ends_in_a_clear_error_within_the_budget(make_dm, proxy, fault):
+    dm = make_dm(
+        "broken",
+        url=proxy.url,
+        recv_timeout_s=1.0,
+        prefetch_batches=1,
+        retry=RetryConfig(budget_s=4, backoff_s=0.2, max_backoff_s=1),
+    )
+    loader = iter(dm.train_dataloader())
+    dm.on_before_batch_transfer(next(loader), 0)
+    proxy.mode = fault
+    started = time.monotonic()
+
+    def drain() -> None:
+        for _ in range(10_000):
+            next(loader)
+
+    with pytest.raises(StreamError, match=r"could not get data from it for 4 s"):
+        drain()
+    assert time.monotonic() - started < 4 + 1 + 5

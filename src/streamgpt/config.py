@@ -8,6 +8,7 @@ with a ckpt_path, ...) are in `validate`, run before any work starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -17,8 +18,9 @@ from streamgpt.data.config import StreamConfig, TokenizerConfig
 from streamgpt.model import GPTConfig
 from streamgpt.optim import OptimizerConfig
 from streamgpt.perf import PRECISIONS
-from streamgpt.server.config import ServeConfig
+from streamgpt.server.config import ServeConfig, require
 from streamgpt.server.config import register_configs as register_server_configs
+from streamgpt.server.config import validate as validate_server
 
 
 @dataclass
@@ -112,45 +114,143 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+
+
+def _url_ok(url: Any) -> bool:
+    urls = [url] if isinstance(url, str) else list(url)
+    return bool(urls) and all(
+        isinstance(u, str) and u.startswith(("ws://", "wss://")) for u in urls
+    )
+
+
 def validate(cfg: Any) -> None:
     """Refuse contradictory or impossible settings before anything starts, one line each."""
     model = {k: v for k, v in cfg.model.items() if k != "compile"}
     GPTConfig(**{**model, "vocab_size": model["vocab_size"] or 64})  # heads, choices, ranges
     OptimizerConfig(**cfg.optimizer)
-    if cfg.trainer.precision not in PRECISIONS:
-        raise ValueError(
-            f"trainer.precision must be one of {list(PRECISIONS)}, got {cfg.trainer.precision!r}"
-        )
-    stream = cfg.data.stream
+    require(
+        cfg.trainer.precision in PRECISIONS,
+        "trainer.precision",
+        f"one of {list(PRECISIONS)}",
+        cfg.trainer.precision,
+    )
+    stream, tok, trainer, calls = cfg.data.stream, cfg.tokenizer, cfg.trainer, cfg.callbacks
     if stream.max_length > cfg.model.context:
         raise ValueError(
             f"data.stream.max_length={stream.max_length} exceeds model.context={cfg.model.context} "
             "(the position table); lower it or raise model.context"
         )
-    for key, value in (
-        ("data.stream.batch_size", stream.batch_size),
-        ("data.stream.max_length", stream.max_length),
-        ("trainer.max_steps", cfg.trainer.max_steps),
-        ("trainer.val_every", cfg.trainer.val_every),
-    ):
-        if value < 1:
-            raise ValueError(f"{key} must be a positive integer, got {value}")
-    if cfg.resume not in (None, "auto"):
-        raise ValueError(f"resume must be 'auto' or null, got {cfg.resume!r}")
+    positive = {
+        "data.stream.batch_size": stream.batch_size,
+        "data.stream.max_length": stream.max_length,
+        "data.stream.prefetch_batches": stream.prefetch_batches,
+        "data.stream.samples_per_request": stream.samples_per_request,
+        "data.stream.requests_in_flight": stream.requests_in_flight,
+        "data.stream.connect_timeout_s": stream.connect_timeout_s,
+        "data.stream.recv_timeout_s": stream.recv_timeout_s,
+        "data.stream.retry.backoff_s": stream.retry.backoff_s,
+        "trainer.max_steps": trainer.max_steps,
+        "trainer.val_every": trainer.val_every,
+        "trainer.num_nodes": trainer.num_nodes,
+        "trainer.log_every_n_steps": trainer.log_every_n_steps,
+        "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
+        "callbacks.samples.max_new_tokens": calls.samples.max_new_tokens,
+        "callbacks.samples.temperature": calls.samples.temperature,
+        "tokenizer.min_frequency": tok.min_frequency,
+    }
+    for key, value in positive.items():
+        require(value > 0, key, "positive", value)
+    at_least_zero = {
+        "data.stream.valid_size": stream.valid_size,
+        "data.stream.num_workers": stream.num_workers,
+        "data.stream.retry.budget_s": stream.retry.budget_s,
+        "callbacks.sample_every": calls.sample_every,
+        "callbacks.checkpoint_every": calls.checkpoint_every,
+        "callbacks.n_saved": calls.n_saved,
+        "callbacks.samples.n_auto": calls.samples.n_auto,
+    }
+    for key, value in at_least_zero.items():
+        require(value >= 0, key, ">= 0 (0 turns it off)", value)
+    backoff = stream.retry
+    require(
+        backoff.max_backoff_s >= backoff.backoff_s,
+        "data.stream.retry.max_backoff_s",
+        f">= data.stream.retry.backoff_s={backoff.backoff_s}",
+        backoff.max_backoff_s,
+    )
+    if stream.url is not None:
+        require(
+            _url_ok(stream.url),
+            "data.stream.url",
+            "a ws:// or wss:// URL, a list of them, or null (the embedded server)",
+            stream.url,
+        )
+    top_k, top_p = calls.samples.top_k, calls.samples.top_p
+    require(top_k is None or top_k >= 1, "callbacks.samples.top_k", ">= 1 or null", top_k)
+    require(top_p is None or 0 < top_p <= 1, "callbacks.samples.top_p", "in (0, 1] or null", top_p)
+    require(
+        trainer.accelerator in ACCELERATORS,
+        "trainer.accelerator",
+        f"one of {list(ACCELERATORS)}",
+        trainer.accelerator,
+    )
+    determinism = trainer.deterministic
+    require(
+        determinism in (True, False, "warn"),
+        "trainer.deterministic",
+        "true, false or warn",
+        determinism,
+    )
+    limit = trainer.limit_val_batches
+    require(
+        isinstance(limit, int | float)
+        and (limit >= 1 if isinstance(limit, int) else 0 <= limit <= 1),
+        "trainer.limit_val_batches",
+        "a fraction in [0, 1] or a whole number of batches",
+        limit,
+    )
+    require(cfg.resume in (None, "auto"), "resume", "'auto' or null", cfg.resume)
     if cfg.resume == "auto" and cfg.ckpt_path:
         raise ValueError(
             "resume=auto and ckpt_path both say where to resume from; give only one "
             "(resume=auto picks the newest checkpoint of the run folder)"
         )
-    every, val = cfg.callbacks.checkpoint_every, cfg.trainer.val_every
+    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
+        raise ValueError(f"ckpt_path={cfg.ckpt_path}: no such file")
+    every, val = calls.checkpoint_every, trainer.val_every
     if stream.valid_size > 0 and every > 0 and every % val:
         raise ValueError(
             f"callbacks.checkpoint_every={every} must be a multiple of trainer.val_every={val}: "
             "checkpoints are ranked by the val/loss of their own step"
         )
-    if cfg.logger.kind not in ("wandb", "csv", "none"):
-        raise ValueError(f"logger must be wandb, csv or none, got {cfg.logger.kind!r}")
-    if cfg.logger.mode not in ("auto", "online", "offline"):
-        raise ValueError(f"logger.mode must be auto, online or offline, got {cfg.logger.mode!r}")
-    if cfg.tokenizer.name == "pretrained" and not cfg.tokenizer.path:
-        raise ValueError("tokenizer=pretrained needs tokenizer.path=<tokenizer.json>")
+    kind, mode = cfg.logger.kind, cfg.logger.mode
+    require(kind in ("wandb", "csv", "none"), "logger.kind", "wandb, csv or none", kind)
+    require(mode in ("auto", "online", "offline"), "logger.mode", "auto, online or offline", mode)
+    require(tok.name in ("bpe", "pretrained"), "tokenizer.name", "bpe or pretrained", tok.name)
+    if tok.name == "pretrained":
+        if not tok.path:
+            raise ValueError("tokenizer=pretrained needs tokenizer.path=<tokenizer.json>")
+        if not Path(tok.path).is_file():
+            raise ValueError(f"tokenizer.path={tok.path}: no such file")
+    else:
+        require(
+            tok.vocab_size >= 258,
+            "tokenizer.vocab_size",
+            ">= 258 (256 bytes + 2 special tokens)",
+            tok.vocab_size,
+        )
+        require(
+            stream.streaming_setup_samples >= 1,
+            "data.stream.streaming_setup_samples",
+            "positive (the BPE tokenizer is trained on them)",
+            stream.streaming_setup_samples,
+        )
+    require(
+        cfg.peak_flops is None or cfg.peak_flops > 0,
+        "peak_flops",
+        "positive or null",
+        cfg.peak_flops,
+    )
+    if stream.url is None:
+        validate_server(cfg.server, prefix="server.")

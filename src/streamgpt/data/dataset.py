@@ -147,10 +147,18 @@ class ConsumerFeed:
                 continue
         return False
 
-    def _connect(self) -> Connection:
-        """A handshaken connection resuming at self.cursor, retrying within the budget."""
+    def _connect(self, failing_since: float | None = None) -> Connection:
+        """A handshaken connection resuming at self.cursor.
+
+        Failures (no server, a stalled or garbled one) are retried with exponential backoff for
+        `retry.budget_s`, counted from the first failure since the last good reply.
+        """
         retry = self.cfg.retry
-        started, wait, last = time.monotonic(), retry.backoff_s, None
+        wait, last = retry.backoff_s, "connection lost"
+        if failing_since is not None:  # a connection that just failed: back off before retrying
+            self._backoff(failing_since, wait, last)
+            wait = min(wait * 2, retry.max_backoff_s)
+        failing_since = failing_since or time.monotonic()
         while not self._stop.is_set():
             conn = Connection(
                 self.url,
@@ -164,20 +172,22 @@ class ConsumerFeed:
                 raise
             except (OSError, TimeoutError, ConnectionError) as e:
                 conn.close()
-                last = e
-            if time.monotonic() - started + wait > retry.budget_s:
-                raise StreamError(
-                    f"lost the stream server at {self.url} and could not reconnect for "
-                    f"{retry.budget_s:g} s (data.stream.retry.budget_s): {last}. Start a server "
-                    "with `make serve`, or point data.stream.url at a running one; the run can "
-                    "then resume from its last checkpoint with resume=auto"
-                )
-            log.warning(
-                "consumer %d: %s unreachable (%s); retrying in %.1f s", self.k, self.url, last, wait
-            )
-            self._stop.wait(wait)
+                last = str(e)
+            self._backoff(failing_since, wait, last)
             wait = min(wait * 2, retry.max_backoff_s)
         raise StreamError("stopped")
+
+    def _backoff(self, failing_since: float, wait: float, last: str) -> None:
+        budget = self.cfg.retry.budget_s
+        if time.monotonic() - failing_since + wait > budget:
+            raise StreamError(
+                f"lost the stream server at {self.url} and could not get data from it for "
+                f"{budget:g} s (data.stream.retry.budget_s): {last}. Start a server with "
+                "`make serve`, or point data.stream.url at a running one; the run can then "
+                "resume from its last checkpoint with resume=auto"
+            )
+        log.warning("consumer %d: %s: %s; retrying in %.1f s", self.k, self.url, last, wait)
+        self._stop.wait(wait)
 
     def _run(self) -> None:
         try:
@@ -191,6 +201,7 @@ class ConsumerFeed:
         warned_core = False
         in_flight = 0
         held: dict[str, Any] | None = None
+        failing_since: float | None = None  # first failure since the last good reply
         while not self._stop.is_set():
             if not conn.extended and not warned_core:
                 log.warning(
@@ -208,11 +219,15 @@ class ConsumerFeed:
             except ServerRefused:
                 raise
             except (OSError, TimeoutError, ConnectionError) as e:
+                # Gone, stalled (no reply within recv_timeout_s) or garbled: start again from
+                # the last cursor whose samples we kept. Nothing is repeated or skipped.
                 log.warning("consumer %d: lost %s (%s); reconnecting", self.k, self.url, e)
                 conn.close()
                 self.reconnects += 1
-                conn, in_flight = self._connect(), 0
+                failing_since = failing_since or time.monotonic()
+                conn, in_flight = self._connect(failing_since), 0
                 continue
+            failing_since = None
             if reply.ended:
                 log.info("consumer %d: the server ended the stream", self.k)
                 if held is not None:

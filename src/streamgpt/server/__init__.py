@@ -10,6 +10,7 @@ import signal
 from typing import Any
 
 from streamgpt.server.app import Limits, StreamServer
+from streamgpt.server.config import validate
 from streamgpt.server.corpus import Chunking
 from streamgpt.server.sources import build_corpus
 
@@ -20,6 +21,7 @@ __all__ = ["Limits", "StreamServer", "build_server", "run"]
 
 def build_server(cfg: Any) -> StreamServer:
     """A StreamServer from a composed `serve` config (the corpus is loaded, not yet listening)."""
+    validate(cfg)
     chunking = Chunking(
         words=cfg.chunk.words, eot_marker=cfg.chunk.eot_marker, whitespace=cfg.chunk.whitespace
     )

@@ -119,3 +119,66 @@ def register_configs() -> None:
     cs.store(group="source", name="shakespeare_schema", node=ShakespeareSourceConfig)
     cs.store(group="source", name="files_schema", node=FilesSourceConfig)
     cs.store(group="source", name="fineweb_schema", node=FineWebSourceConfig)
+
+
+def require(ok: bool, key: str, accepted: str, value: Any) -> None:
+    """Refuse one config value in one line: the key, what it accepts, what it got."""
+    if not ok:
+        raise ValueError(f"{key} must be {accepted}, got {value!r}")
+
+
+def _positive_or_null(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and value > 0)
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Check a composed `serve` config without loading any data: a bad value fails in one line.
+
+    `prefix` names the keys as the user wrote them (`server.` inside the training config).
+    """
+    from streamgpt.server.sources import SOURCES
+
+    source = cfg.source
+    key = f"{prefix}source"
+    require(source.name in SOURCES, f"{key}.name", f"one of {list(SOURCES)}", source.name)
+    if source.validation_docs is not None:
+        require(
+            source.validation_docs >= 0, f"{key}.validation_docs", ">= 0", source.validation_docs
+        )
+        require(
+            source.name != "fineweb",
+            f"{key}.validation_docs",
+            "null for fineweb (it cannot count documents without reading them all; "
+            "use validation_fraction)",
+            source.validation_docs,
+        )
+    fraction = source.validation_fraction
+    require(
+        fraction is None or 0 <= fraction < 1, f"{key}.validation_fraction", "in [0, 1)", fraction
+    )
+    require(source.min_words >= 0, f"{key}.min_words", ">= 0", source.min_words)
+    if source.name == "files":
+        from streamgpt.server.sources.files import find_files
+
+        find_files(list(source.paths))  # names the path that matches nothing
+    if source.name == "fineweb":
+        shard = source.shard_by
+        require(shard in ("file", "row_group"), f"{key}.shard_by", "'file' or 'row_group'", shard)
+        require(source.shuffle_window >= 1, f"{key}.shuffle_window", ">= 1", source.shuffle_window)
+    require(cfg.chunk.words >= 1, f"{prefix}chunk.words", "a positive integer", cfg.chunk.words)
+    space = cfg.chunk.whitespace
+    require(
+        space in ("preserve", "collapse"),
+        f"{prefix}chunk.whitespace",
+        "preserve or collapse",
+        space,
+    )
+    for name, value in cfg.end.items():
+        require(
+            _positive_or_null(value), f"{prefix}end.{name}", "a positive integer or null", value
+        )
+    for name, value in cfg.limits.items():
+        require(value > 0, f"{prefix}limits.{name}", "positive", value)
+    require(0 <= cfg.port <= 65535, f"{prefix}port", "in [0, 65535] (0: a free port)", cfg.port)
+    require(cfg.path.startswith("/"), f"{prefix}path", "a path starting with '/'", cfg.path)
+    require(cfg.log_every_s > 0, f"{prefix}log_every_s", "positive", cfg.log_every_s)

@@ -1,0 +1,183 @@
+"""Faults during real training runs (`python train.py` subprocesses): a server killed again and
+again, a trainer killed again and again, broken checkpoints. Nothing may be lost or repeated."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from streamgpt.server.process import ServerProcess
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = [
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.context=64",
+    "data.stream.batch_size=8",
+    "tokenizer.vocab_size=512",
+    "data.stream.valid_size=16",
+    "data.stream.streaming_setup_samples=200",
+    "callbacks.samples.max_new_tokens=8",
+    "trainer.log_every_n_steps=1",
+    "trainer.progress_bar=false",
+    "logger=csv",
+    "data.stream.log_batches=true",
+]
+
+
+def command(run: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "train.py", f"hydra.run.dir={run}", *SMALL, *overrides]
+
+
+def train(run: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command(run, *overrides),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "WANDB_API_KEY": ""},
+    )
+
+
+def batches(run: Path) -> list[tuple[int, str, list[str]]]:
+    rows = [json.loads(line) for line in (run / "batches-rank0.jsonl").read_text().splitlines()]
+    return [(r["batch"], r["x"], r["ids"]) for r in rows]
+
+
+def metric(run: Path, name: str) -> list[float]:
+    with open(next(run.rglob("metrics.csv"))) as f:
+        return [float(r[name]) for r in csv.DictReader(f) if r.get(name)]
+
+
+@pytest.mark.slow
+def test_training_survives_a_server_killed_and_restarted_again_and_again(tmp_path):
+    steps = [
+        "trainer.max_steps=400",
+        "trainer.val_every=100",
+        "callbacks.sample_every=100",
+        "callbacks.checkpoint_every=100",
+        "data.stream.samples_per_request=2",
+        "data.stream.requests_in_flight=1",
+        "data.stream.prefetch_batches=2",
+        "data.stream.retry.backoff_s=0.2",
+        "data.stream.retry.max_backoff_s=1",
+    ]
+    with ServerProcess([f"hydra.run.dir={tmp_path / 'quiet'}"]) as quiet:
+        done = train(tmp_path / "reference", f"data.stream.url={quiet.url}", *steps)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    server = ServerProcess([f"hydra.run.dir={tmp_path / 's0'}"]).start()
+    port = server.url.split(":")[2].split("/")[0]
+    run = tmp_path / "chaos"
+    trainer = subprocess.Popen(
+        command(run, f"data.stream.url={server.url}", *steps),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    rng, kills, servers = random.Random(0), 0, [server]
+    try:
+        while not (run / "batches-rank0.jsonl").exists():  # training has started
+            assert trainer.poll() is None, trainer.stderr.read()[-3000:]
+            time.sleep(0.1)
+        while trainer.poll() is None and kills < 8:
+            time.sleep(rng.uniform(0.5, 2.0))
+            servers[-1].proc.send_signal(signal.SIGKILL)
+            servers[-1].proc.wait()
+            kills += 1
+            time.sleep(rng.uniform(0.3, 1.5))  # the trainer keeps asking while nothing listens
+            servers.append(
+                ServerProcess([f"port={port}", f"hydra.run.dir={tmp_path / f's{kills}'}"]).start()
+            )
+        assert trainer.wait(600) == 0, trainer.stderr.read()[-3000:]
+    finally:
+        trainer.kill()
+        for s in servers:
+            s.stop()
+    assert kills >= 5, f"only {kills} kills happened before training ended"
+    assert batches(run) == batches(tmp_path / "reference"), "the same samples, in the same order"
+    outages, calm = (
+        max(metric(run, "perf/data_wait_s")),
+        max(metric(tmp_path / "reference", "perf/data_wait_s")),
+    )
+    print(
+        f"chaos: {kills} server kills; longest data wait {outages:.2f} s (undisturbed {calm:.3f} s)"
+    )
+    assert outages > 0.3 > calm / 2, f"perf/data_wait_s shows the outages: {outages} vs {calm}"
+
+
+@pytest.mark.slow
+def test_a_trainer_killed_at_random_steps_and_resumed_ends_with_the_same_model(tmp_path):
+    steps = [
+        "trainer.max_steps=120",
+        "trainer.val_every=10",
+        "callbacks.sample_every=60",
+        "callbacks.checkpoint_every=10",
+        "trainer.deterministic=true",
+    ]
+    reference = tmp_path / "reference"
+    assert train(reference, *steps).returncode == 0
+    run = tmp_path / "run"
+    rng = random.Random(1)
+    for _attempt in range(3):
+        proc = subprocess.Popen(
+            command(run, *steps, "resume=auto"),
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "WANDB_API_KEY": ""},
+        )
+        start = len(batches(run)) if (run / "batches-rank0.jsonl").exists() else 0
+        target = start + rng.randint(12, 30)  # a few steps past the next checkpoint
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if (run / "batches-rank0.jsonl").exists() and len(batches(run)) >= target:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = train(run, *steps, "resume=auto")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run / "train.log").read_text().count("resume=auto: continuing from") >= 3
+    ours = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    theirs = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ours["global_step"] == theirs["global_step"] == 120
+    for name, weight in theirs["state_dict"].items():
+        assert torch.allclose(ours["state_dict"][name], weight, atol=1e-6), name
+
+
+def test_a_truncated_checkpoint_is_refused_naming_it_and_resume_auto_falls_back(tmp_path):
+    run = tmp_path / "run"
+    steps = [
+        "trainer.max_steps=4",
+        "trainer.val_every=2",
+        "callbacks.checkpoint_every=2",
+        "callbacks.sample_every=2",
+        "callbacks.n_saved=2",
+    ]
+    assert train(run, *steps).returncode == 0
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 3])
+    done = train(tmp_path / "other", *steps, f"ckpt_path={last}")
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert f"ckpt_path={last} cannot be resumed from: {last} is truncated or corrupt" in output
+    assert "Traceback" not in output
+    done = train(run, "trainer.max_steps=6", *steps[1:], "resume=auto")
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (run / "train.log").read_text()
+    assert f"skipping checkpoint: {last} is truncated or corrupt" in log
+    assert "resume=auto: continuing from" in log and "step=0000004" in log
