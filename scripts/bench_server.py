@@ -29,7 +29,7 @@ from pathlib import Path
 import orjson
 import psutil
 
-from streamgpt.server import keep_freed_memory
+from streamgpt.malloc import keep_freed_memory
 from streamgpt.server.process import ServerProcess
 
 PROBE = '{"type":"getData","payload":{"batch_size":%d}}'
@@ -137,7 +137,8 @@ async def _echo(payload_file: str) -> None:
     from websockets.asyncio.server import serve
     from websockets.exceptions import ConnectionClosed
 
-    keep_freed_memory()  # the same allocator setting as our server: only the protocol differs
+    # The same allocator setting as our server: only the protocol differs.
+    keep_freed_memory(mmap_threshold=64 << 20, trim_threshold=256 << 20)
     payload = Path(payload_file).read_bytes()
     handshake = b'{"type":"handshake","version":"1.0"}'
 

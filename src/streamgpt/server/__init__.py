@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
 from typing import Any
 
+from streamgpt.malloc import keep_freed_memory
 from streamgpt.server.app import Limits, StreamServer
 from streamgpt.server.config import validate
 from streamgpt.server.corpus import Chunking
@@ -44,25 +44,9 @@ def build_server(cfg: Any) -> StreamServer:
     )
 
 
-def keep_freed_memory() -> None:
-    """Ask glibc to keep freed large buffers for reuse instead of unmapping each one.
-
-    Every reply is a fresh buffer of a few hundred kB (and websockets copies it into another);
-    by default glibc maps and unmaps such buffers each time, and the page faults that follow
-    cost more kernel time than the copying itself. Keeping them halves the server's CPU per MB
-    (scripts/bench_server.py). No effect, and no error, on other C libraries.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: serve allocations below 64 MiB from the heap
-        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: keep up to 256 MiB of freed heap
-    except (OSError, AttributeError):
-        pass
-
-
 def run(cfg: Any) -> None:
     """Serve until SIGINT or SIGTERM. Prints the URL once it accepts connections."""
-    keep_freed_memory()
+    keep_freed_memory(mmap_threshold=64 << 20, trim_threshold=256 << 20)  # reply buffers
     # Our own lines say who connected and what they read; websockets' would repeat them.
     logging.getLogger("websockets").setLevel(logging.WARNING)
     server = build_server(cfg)
