@@ -3,11 +3,14 @@
 For each experiment (the CPU demo's `babygpt-tiny`, `experiment=streaming_tutorial`), the config is
 composed as `train.py` composes it and trained by the same Trainer, callbacks and LitGPT twice
 over: once from the live stream (embedded server process + StreamDataModule: requests, JSON,
-tokenizer, packing), once from the very same batches already in memory as token tensors. Arms
-alternate (stream, memory, stream, ...) so the host's drift hits both; the figure is the median
-of the per-pair ratios of steady-state tokens/s (wall clock over the timed steps, after warm-up).
+tokenizer, packing), once from the very same batches already in memory as token tensors. After
+one untimed warm-up fit, arms alternate (stream, memory, memory, stream, ...) so the host's drift
+hits both; the figure is the median of the per-pair ratios of steady-state tokens/s (wall clock
+over the timed steps, after warm-up). This host's speed drifts by tens of percent within a minute,
+so each ratio is noisy; the CPU seconds the data path costs per step (the trainer's extra CPU in the
+stream arm, plus the server's) are the steadier measure of the same overhead.
 
-    python scripts/bench_stream.py [--experiments demo,streaming_tutorial] [--pairs 3]
+    python scripts/bench_stream.py [--experiments demo,streaming_tutorial] [--pairs 8]
 """
 
 from __future__ import annotations
@@ -22,20 +25,23 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import psutil
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from streamgpt.app import build_trainer, start_embedded_server
+from streamgpt.app import build_trainer
 from streamgpt.config import register_configs, validate
 from streamgpt.data import StreamDataModule
+from streamgpt.headstart import launch_embedded_server
 from streamgpt.lit_module import LitGPT
+from streamgpt.malloc import keep_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
 # experiment name -> (overrides, warm-up steps, timed steps)
 EXPERIMENTS = {
-    "demo": ([], 5, 40),
-    "streaming_tutorial": (["experiment=streaming_tutorial"], 2, 10),
+    "demo": ([], 4, 16),
+    "streaming_tutorial": (["experiment=streaming_tutorial"], 2, 4),
 }
 # Both arms: no validation, samples or checkpoints (the same in both arms, and not data).
 QUIET = [
@@ -49,13 +55,16 @@ QUIET = [
 
 
 class StepClock(L.Callback):
-    """Wall-clock time at the end of every training step."""
+    """At the end of every training step: wall clock, this process's CPU time (all threads) and
+    the stream server's CPU time."""
 
-    def __init__(self) -> None:
-        self.ends: list[float] = []
+    def __init__(self, server_pid: int) -> None:
+        self.server = psutil.Process(server_pid)
+        self.ends: list[tuple[float, float, float]] = []
 
     def on_train_batch_end(self, *args) -> None:
-        self.ends.append(time.perf_counter())
+        server = self.server.cpu_times()
+        self.ends.append((time.perf_counter(), time.process_time(), server.user + server.system))
 
 
 class Batches:
@@ -91,21 +100,28 @@ def compose_run(overrides: list[str], run_dir: Path):
     return cfg
 
 
-def fit(cfg, run_dir: Path, datamodule, steps: int) -> StepClock:
+def fit(cfg, run_dir: Path, datamodule, steps: int, server_pid: int) -> StepClock:
     L.seed_everything(cfg.seed)
     model_cfg = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "compile"}
     model = LitGPT(model_cfg, OmegaConf.to_container(cfg.optimizer), compile=cfg.model.compile)
     cfg = OmegaConf.merge(cfg, {"trainer": {"max_steps": steps}})
     trainer = build_trainer(cfg, run_dir, [], validation=False)
-    clock = StepClock()
+    clock = StepClock(server_pid)
     trainer.callbacks.append(clock)
     trainer.fit(model, datamodule=datamodule)
     return clock
 
 
-def tokens_per_s(clock: StepClock, warmup: int, tokens_per_step: int) -> float:
-    ends = clock.ends[warmup - 1 :]
-    return tokens_per_step * (len(ends) - 1) / (ends[-1] - ends[0])
+def measure(clock: StepClock, warmup: int, tokens_per_step: int) -> dict:
+    """Steady state: tokens/s, and CPU seconds per step of the trainer and of the server."""
+    (w0, c0, s0), (w1, c1, s1) = clock.ends[warmup - 1], clock.ends[-1]
+    steps = len(clock.ends) - warmup
+    return {
+        "tokens_per_s": tokens_per_step * steps / (w1 - w0),
+        "trainer_cpu_s": (c1 - c0) / steps,
+        "server_cpu_s": (s1 - s0) / steps,
+        "step_s": (w1 - w0) / steps,
+    }
 
 
 def bench(name: str, pairs: int) -> dict:
@@ -114,7 +130,7 @@ def bench(name: str, pairs: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
         run_dir = Path(tmp)
         cfg = compose_run(overrides, run_dir)
-        server = start_embedded_server(cfg, run_dir)
+        server = launch_embedded_server(cfg, run_dir).wait_ready()
         try:
             stream = OmegaConf.merge(cfg.data.stream, {"url": [server.url]})
             prepared = StreamDataModule(stream, cfg.tokenizer, run_dir)
@@ -125,42 +141,71 @@ def bench(name: str, pairs: int) -> dict:
                 if len(batches) == steps:
                     break
             tokens = batches[0][0].numel()
+            # The process's first fit pays one-off costs (allocator, page faults, lazy inits).
+            pid = server.proc.pid
+            fit(cfg, run_dir, MemoryData(batches, prepared), warmup + 1, pid)
             rows = []
-            for _ in range(pairs):
-                live = StreamDataModule(stream, cfg.tokenizer, run_dir)
-                s = tokens_per_s(fit(cfg, run_dir, live, steps), warmup, tokens)
-                memory = MemoryData(batches, prepared)
-                m = tokens_per_s(fit(cfg, run_dir, memory, steps), warmup, tokens)
-                rows.append({"stream": s, "memory": m, "ratio": s / m})
-                print(f"  {name}: stream {s:.0f} tokens/s, memory {m:.0f}: {s / m:.3f}", flush=True)
+            for pair in range(pairs):
+                arms = {}
+                for arm in ("stream", "memory") if pair % 2 == 0 else ("memory", "stream"):
+                    data = (
+                        StreamDataModule(stream, cfg.tokenizer, run_dir)
+                        if arm == "stream"
+                        else MemoryData(batches, prepared)
+                    )
+                    arms[arm] = measure(fit(cfg, run_dir, data, steps, pid), warmup, tokens)
+                s, m = arms["stream"], arms["memory"]
+                rows.append({**arms, "ratio": s["tokens_per_s"] / m["tokens_per_s"]})
+                print(
+                    f"  {name}: stream {s['tokens_per_s']:.0f} tokens/s, memory "
+                    f"{m['tokens_per_s']:.0f}: {rows[-1]['ratio']:.3f}",
+                    flush=True,
+                )
         finally:
             server.stop()
+    stream_cpu = statistics.median(r["stream"]["trainer_cpu_s"] for r in rows)
+    memory_cpu = statistics.median(r["memory"]["trainer_cpu_s"] for r in rows)
+    server_cpu = statistics.median(r["stream"]["server_cpu_s"] for r in rows)
     return {
         "experiment": name,
         "batch": list(batches[0][0].shape),
         "vocab": prepared.vocab_size,
         "pairs": rows,
         "median_ratio": statistics.median(r["ratio"] for r in rows),
+        "ratios": sorted(r["ratio"] for r in rows),
+        # What the stream costs in CPU, per training step: the trainer's extra (client thread:
+        # receive, JSON, tokenize, pack) and the server's; against the step's own CPU time.
+        "data_cpu_per_step_s": stream_cpu - memory_cpu + server_cpu,
+        "step_cpu_s": memory_cpu,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiments", default=",".join(EXPERIMENTS))
-    parser.add_argument("--pairs", type=int, default=3, help="stream/memory pairs per experiment")
+    parser.add_argument("--pairs", type=int, default=8, help="stream/memory pairs per experiment")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    keep_freed_memory()  # as train.py does
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     results = [bench(name, args.pairs) for name in args.experiments.split(",")]
-    print("\n| experiment | batch | stream tokens/s | memory tokens/s | stream / memory |")
-    print("|---|---|---|---|---|")
+    print(
+        "\n| experiment | batch | stream tokens/s | memory tokens/s | stream / memory, median "
+        "(range) | data path CPU per step, trainer + server | share of the step's CPU |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in results:
-        s = statistics.median(p["stream"] for p in r["pairs"])
-        m = statistics.median(p["memory"] for p in r["pairs"])
+        s = statistics.median(p["stream"]["tokens_per_s"] for p in r["pairs"])
+        m = statistics.median(p["memory"]["tokens_per_s"] for p in r["pairs"])
         batch = "x".join(map(str, r["batch"]))
-        print(f"| {r['experiment']} | {batch} | {s:.0f} | {m:.0f} | **{r['median_ratio']:.3f}** |")
+        low, high = r["ratios"][0], r["ratios"][-1]
+        data, step = r["data_cpu_per_step_s"], r["step_cpu_s"]
+        print(
+            f"| {r['experiment']} | {batch} | {s:.0f} | {m:.0f} | **{r['median_ratio']:.3f}** "
+            f"({low:.2f}-{high:.2f}) | {data * 1000:.1f} ms | {data / step:.1%} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -205,6 +205,28 @@ def test_train_with_no_server_running_writes_every_artifact_and_leaves_nothing_b
     assert len(losses) == 5
     assert f"run folder:  {run}" in done.stdout and "wandb sync" in done.stdout
     assert processes_using(run) == [], "the embedded server outlived the run"
+    perf = json.loads((run / "perf.json").read_text())
+    startup = perf["startup"]
+    phases = startup["phases_s"]
+    for phase in ("lightning imports", "model build", "first batch", "first step"):
+        assert phases[phase] >= 0, phase
+    assert 0 < startup["to_first_step_s"] < 300
+    # The server and the tokenizer got ready in the background, while Lightning imported.
+    background = set(startup["background_ready_s"])
+    assert background == {"stream server", "tokenizer and validation samples"}
+    assert perf["peak_rss_mb"]["trainer"] > 100 and perf["peak_rss_mb"]["server"] > 10
+    assert "peak memory: trainer" in done.stdout
+
+
+def test_a_bad_tokenizer_file_fails_in_one_line_from_the_background_head_start(tmp_path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("not json")
+    done = train(tmp_path / "run", "tokenizer=pretrained", f"tokenizer.path={bad}", *SMALL[:3])
+    assert done.returncode == 2
+    output = done.stdout + done.stderr
+    assert f"{bad} is not a Hugging Face tokenizer.json" in output
+    assert "Traceback" not in output
+    assert processes_using(tmp_path / "run") == [], "the embedded server outlived the run"
 
 
 @pytest.mark.slow

@@ -1,9 +1,9 @@
 """The training task behind `train.py`: from a composed config to a finished (or resumed) run.
 
-compose -> validate -> find the checkpoint to resume -> start or reach the stream server ->
-DataModule, LitGPT, loggers, callbacks, Trainer -> fit -> say where everything is.
-The embedded server is stopped and W&B is finished whatever happens (errors, Ctrl-C), so
-multirun jobs never leave a server behind or merge into one W&B run.
+compose -> validate -> HeadStart (stream server, tokenizer; train.py opens it before importing
+Lightning) -> find the checkpoint to resume -> DataModule, LitGPT, loggers, callbacks, Trainer ->
+fit -> say where everything is. The embedded server is stopped and W&B is finished whatever
+happens (errors, Ctrl-C), so multirun jobs never leave a server behind or merge into one W&B run.
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import warnings
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -34,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from streamgpt.callbacks import (
     LossCurve,
     SampleGenerations,
+    StartupReport,
     StepCheckpoint,
     StreamEndSync,
     ThroughputMonitor,
@@ -41,17 +40,21 @@ from streamgpt.callbacks import (
 from streamgpt.checkpoints import AtomicCheckpointIO, newest_intact, readable
 from streamgpt.config import validate
 from streamgpt.data import StreamDataModule
-from streamgpt.data.client import Connection
+from streamgpt.headstart import HeadStart, global_rank, local_rank
 from streamgpt.lit_module import LitGPT
-from streamgpt.perf import check_precision
-from streamgpt.server.process import REPO, ServerProcess
+from streamgpt.perf import STARTUP, check_precision, peak_rss_mb
+from streamgpt.server.process import REPO
 
 log = logging.getLogger("streamgpt")
 
 PACKAGES = ("torch", "lightning", "hydra-core", "omegaconf", "tokenizers", "websockets", "wandb")
 
 
-def train(cfg: DictConfig) -> float | None:
+def train(cfg: DictConfig, head: HeadStart | None = None) -> float | None:
+    """One run. `head`: the run's HeadStart, opened before Lightning was imported (train.py)."""
+    if head is None:
+        with HeadStart(cfg) as head:
+            return train(cfg, head)
     # Lightning calls a deprecated torch API on every batch; the warning is not ours to fix.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     run_dir = Path(cfg.paths.output_dir)
@@ -59,114 +62,41 @@ def train(cfg: DictConfig) -> float | None:
     check_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     L.seed_everything(cfg.seed, workers=True)
     checkpoint = find_checkpoint(cfg, run_dir)
-    if _global_rank() == 0 and _local_rank() == 0:
+    rank0 = global_rank() == 0 and local_rank() == 0
+    if rank0:
         record_run(cfg, run_dir)
     loggers: list = []
     summary: list[str] = []
     try:
-        with stream_urls(cfg, run_dir) as urls:
-            stream = OmegaConf.merge(cfg.data.stream, {"url": urls})
-            if checkpoint is not None:
-                adopt_run_files(checkpoint, run_dir)
-            datamodule = StreamDataModule(stream, cfg.tokenizer, run_dir)
-            model_cfg = {
-                k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "compile"
-            }
-            model = LitGPT(
-                model_cfg,
-                OmegaConf.to_container(cfg.optimizer),
-                compile=cfg.model.compile,
-                peak_flops=cfg.peak_flops,
-            )
-            loggers = build_loggers(cfg, run_dir, checkpoint)
-            trainer = build_trainer(cfg, run_dir, loggers, validation=stream.valid_size > 0)
-            trainer.fit(model, datamodule=datamodule, ckpt_path=checkpoint)
-            if trainer.is_global_zero:
-                summary = report(run_dir, trainer)
-            metric = trainer.callback_metrics.get(cfg.optimized_metric)
-            return float(metric) if metric is not None else None
+        stream = OmegaConf.merge(cfg.data.stream, {"url": head.urls()})
+        STARTUP.mark("waiting for the stream server")
+        if checkpoint is not None:
+            adopt_run_files(checkpoint, run_dir)
+        datamodule = StreamDataModule(stream, cfg.tokenizer, run_dir)
+        model_cfg = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "compile"}
+        model = LitGPT(
+            model_cfg,
+            OmegaConf.to_container(cfg.optimizer),
+            compile=cfg.model.compile,
+            peak_flops=cfg.peak_flops,
+        )
+        loggers = build_loggers(cfg, run_dir, checkpoint)
+        if rank0:
+            for logger in loggers:
+                _ = logger.experiment  # W&B starts now, while the tokenizer may still train
+        trainer = build_trainer(cfg, run_dir, loggers, validation=stream.valid_size > 0)
+        STARTUP.mark("loggers (W&B), model and trainer objects")
+        head.wait()
+        STARTUP.mark("waiting for the tokenizer and validation samples")
+        trainer.fit(model, datamodule=datamodule, ckpt_path=checkpoint)
+        if trainer.is_global_zero:
+            summary = report(run_dir, trainer, head)
+        metric = trainer.callback_metrics.get(cfg.optimized_metric)
+        return float(metric) if metric is not None else None
     finally:
         finish_loggers(loggers)
         if summary:  # last, below W&B's own closing lines
             print("\n" + "\n".join(summary), flush=True)
-
-
-# -- where the data comes from ----------------------------------------------------------------
-
-
-def _local_rank() -> int:
-    """This process's rank on its node, under torchrun / Lightning (LOCAL_RANK) or srun."""
-    return int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0)
-
-
-def _global_rank() -> int:
-    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
-
-
-@contextlib.contextmanager
-def stream_urls(cfg: DictConfig, run_dir: Path) -> Iterator[list[str]]:
-    """The servers to read from: the configured ones, or an embedded one started here.
-
-    With several processes per node (DDP), the node's local rank 0 starts the embedded server and
-    writes its URL to <run>/server/url-<host>; the node's other ranks read it there.
-    """
-    url = cfg.data.stream.url
-    if url:
-        yield [url] if isinstance(url, str) else [str(u) for u in url]
-        return
-    url_file = run_dir / "server" / f"url-{socket.gethostname()}"
-    if _local_rank() != 0:
-        yield [_wait_for_url(url_file)]
-        return
-    url_file.unlink(missing_ok=True)
-    server = start_embedded_server(cfg, run_dir)
-    try:
-        url_file.write_text(server.url)
-        yield [server.url]
-    finally:
-        code = server.stop()
-        url_file.unlink(missing_ok=True)
-        log.info("embedded stream server stopped (exit code %s)", code)
-
-
-def start_embedded_server(cfg: DictConfig, run_dir: Path) -> ServerProcess:
-    folder = run_dir / "server"
-    folder.mkdir(parents=True, exist_ok=True)
-    config = OmegaConf.to_container(cfg.server, resolve=True)
-    config["port"] = 0
-    config["defaults"] = ["serve_schema", "_self_"]
-    config["hydra"] = {"run": {"dir": str(folder)}, "job": {"name": "serve"}}
-    (folder / "embedded.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
-    started = time.monotonic()
-    server = ServerProcess(
-        [f"--config-dir={folder}", "--config-name=embedded"], log_file=folder / "stdout.log"
-    ).start()
-    log.info(
-        "embedded stream server (%s) at %s, ready in %.1f s; its log: %s",
-        cfg.server.source.name,
-        server.url,
-        time.monotonic() - started,
-        folder / "serve.log",
-    )
-    return server
-
-
-def _wait_for_url(path: Path, timeout: float = 600.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            url = path.read_text().strip()
-            try:
-                Connection(url, connect_timeout=2).open().close()
-                return url
-            except (OSError, TimeoutError, ConnectionError):
-                pass  # a stale file from an earlier run, or the server is still starting
-        time.sleep(0.5)
-    raise RuntimeError(
-        f"local rank {_local_rank()} found no embedded stream server (waited {timeout:g} s for "
-        f"{path}); every rank of a node must share the run folder (set hydra.run.dir), or point "
-        "all ranks at running servers with data.stream.url"
-    )
 
 
 # -- resuming ---------------------------------------------------------------------------------
@@ -306,6 +236,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list, validation: boo
         ),
         LossCurve(run_dir, every=cb.sample_every),
         StepCheckpoint(run_dir / "checkpoints", cb.checkpoint_every, cb.n_saved, validation),
+        StartupReport(run_dir, compiled=cfg.model.compile),
     ]
     return L.Trainer(
         accelerator=t.accelerator,
@@ -341,13 +272,23 @@ def finish_loggers(loggers: list) -> None:
             wandb.finish()
 
 
-def report(run_dir: Path, trainer: L.Trainer) -> list[str]:
+def report(run_dir: Path, trainer: L.Trainer, head: HeadStart) -> list[str]:
     step = trainer.global_step
+    memory = {"trainer": peak_rss_mb()}
+    if head.server is not None and head.server.proc is not None:
+        memory["server"] = peak_rss_mb(head.server.proc.pid)
+    perf_file = run_dir / "perf.json"
+    perf = json.loads(perf_file.read_text()) if perf_file.exists() else {}
+    perf["peak_rss_mb"] = memory
+    perf_file.write_text(json.dumps(perf, indent=2))
     lines = [
         f"run folder:  {run_dir}",
         f"samples:     {run_dir / 'samples' / f'iter_{step}'}",
         f"loss curve:  {run_dir / 'training_curve_LOSS.png'}",
         f"checkpoints: {run_dir / 'checkpoints'}",
+        "peak memory: "
+        + ", ".join(f"{k} {v:.0f} MB" for k, v in memory.items() if v is not None)
+        + f" (RSS; start-up times in {perf_file})",
     ]
     for logger in trainer.loggers:
         if type(logger).__name__ == "WandbLogger":

@@ -5,11 +5,13 @@
 - StepCheckpoint: checkpoints every `every` steps, the best n by val/loss plus last.ckpt.
 - ThroughputMonitor: perf/data_wait_s, perf/tokens_per_s, perf/mfu.
 - StreamEndSync: all ranks stop after the same step when a finite stream runs out.
+- StartupReport: where the seconds before the first optimizer step went.
 All files are written atomically (a temporary file renamed into place).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -20,6 +22,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
+
+from streamgpt.perf import STARTUP
 
 log = logging.getLogger("streamgpt")
 
@@ -320,3 +324,47 @@ class StreamEndSync(L.Callback):
         ended = trainer.strategy.reduce_boolean_decision(datamodule.saw_last_batch, all=False)
         if ended:
             trainer.should_stop = True
+
+
+class StartupReport(L.Callback):
+    """Marks the start-up phases inside `fit` and, after the second step, logs the whole
+    breakdown from process start (`perf.STARTUP`) and writes it to <run>/perf.json."""
+
+    def __init__(self, run_dir: str | Path, compiled: bool = False) -> None:
+        self.path = Path(run_dir) / "perf.json"
+        self.first_step = "first step (compile included)" if compiled else "first step"
+        self._steps = 0
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        STARTUP.mark("datamodule prepare_data and setup")
+
+    def on_train_batch_start(self, trainer, pl_module, *args: Any) -> None:
+        if self._steps == 0:
+            STARTUP.mark("first batch")
+
+    def on_train_batch_end(self, trainer, pl_module, *args: Any) -> None:
+        self._steps += 1
+        if self._steps == 1:
+            STARTUP.mark(self.first_step)
+        elif self._steps == 2:
+            STARTUP.mark("second step")
+            if trainer.is_global_zero:
+                self.report()
+
+    def report(self) -> None:
+        phases = STARTUP.phases()
+        to_first = sum(v for k, v in phases.items() if k != "second step")
+        began = STARTUP.began()
+        background = {k: t - began for k, t in STARTUP.background.items()}
+        log.info(
+            "%.1f s from process start to the first optimizer step: %s (in the background: %s)",
+            to_first,
+            ", ".join(f"{k} {v:.1f}" for k, v in phases.items()),
+            ", ".join(f"{k} ready at {v:.1f}" for k, v in background.items()) or "nothing",
+        )
+        startup = {
+            "to_first_step_s": to_first,
+            "phases_s": phases,
+            "background_ready_s": background,
+        }
+        _write_atomic(self.path, json.dumps({"startup": startup}, indent=2).encode())

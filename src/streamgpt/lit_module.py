@@ -19,7 +19,7 @@ import torch
 
 from streamgpt.model import GPT, GPTConfig
 from streamgpt.optim import OptimizerConfig, build_optimizer, build_schedule
-from streamgpt.perf import compute_dtype, matmul_flops
+from streamgpt.perf import STARTUP, compute_dtype, matmul_flops
 
 log = logging.getLogger("streamgpt")
 
@@ -69,6 +69,7 @@ class LitGPT(L.LightningModule):
                     "model.vocab_size is unset and there is no tokenizer to take it from"
                 )
             self._build({**self.hparams.model, "vocab_size": pad_vocab(datamodule.vocab_size)})
+        STARTUP.mark("model build")
 
     @property
     def gpt(self) -> GPT:
@@ -153,10 +154,11 @@ class LitGPT(L.LightningModule):
             )
         if self.peak_flops is None:
             dtype = compute_dtype(str(self.trainer.precision))
-            self.peak_flops = matmul_flops(self.device, dtype)
+            self.peak_flops = matmul_flops(self.device, dtype, seconds=0.3)  # start-up time
             log.info(
                 "measured matmul peak: %.1f GFLOP/s (%s) for perf/mfu", self.peak_flops / 1e9, dtype
             )
+            STARTUP.mark("matmul peak (for perf/mfu)")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen

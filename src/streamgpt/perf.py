@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,9 @@ def matmul_flops(device: torch.device | str, dtype: torch.dtype, seconds: float 
     slower than float32). MFU is measured against this."""
     device = torch.device(device)
     best, budget = 0.0, seconds / 4
-    for n in (256, 512, 1024, 2048):
+    # A GPU needs large products to reach its peak; the early stop below bounds a slow device.
+    sizes = (256, 512, 1024, 2048) + ((4096, 8192) if device.type == "cuda" else ())
+    for n in sizes:
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
         # F.linear, the kernel nn.Linear uses (on CPUs, bfloat16 `@` takes a far slower path).
@@ -75,3 +78,55 @@ def check_precision(precision: str, accelerator: str) -> str:
             precision,
         )
     return precision
+
+
+class Startup:
+    """Where the time goes between `python train.py` and the first optimizer steps.
+
+    Each `mark(phase)` says that `phase` ended now; a phase lasts from the previous mark (the
+    first from the process's start). The StartupReport callback reports them after step 2.
+    """
+
+    def __init__(self) -> None:
+        self.start: float | None = None  # None: the process's start
+        self.marks: list[tuple[str, float]] = []
+        self.background: dict[str, float] = {}  # work done beside the phases: when it was ready
+
+    def ready(self, work: str) -> None:
+        """Background `work` (headstart.HeadStart) is ready now."""
+        self.background[work] = time.time()
+
+    def mark(self, phase: str) -> None:
+        self.marks.append((phase, time.time()))
+
+    def restart(self) -> None:
+        """The next run of a multirun process starts now."""
+        self.start, self.marks, self.background = time.time(), [], {}
+
+    def began(self) -> float:
+        import psutil
+
+        return self.start or psutil.Process().create_time()
+
+    def phases(self) -> dict[str, float]:
+        previous = self.began()
+        phases: dict[str, float] = {}
+        for phase, when in self.marks:
+            phases[phase] = phases.get(phase, 0.0) + when - previous
+            previous = when
+        return phases
+
+
+STARTUP = Startup()
+
+
+def peak_rss_mb(pid: int | None = None) -> float | None:
+    """Peak resident memory of a process (this one by default) in MB, from Linux's VmHWM."""
+    try:
+        status = Path(f"/proc/{pid or 'self'}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return None

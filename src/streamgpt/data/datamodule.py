@@ -25,8 +25,9 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, TensorDataset
 
 from streamgpt.data import tokenizer as tokenizers
-from streamgpt.data.client import Connection, ServerRefused, StreamError, no_server, token_from_env
+from streamgpt.data.client import StreamError
 from streamgpt.data.dataset import Encoder, StreamDataset, TokenPacker
+from streamgpt.data.prepare import StreamSetup
 
 log = logging.getLogger("streamgpt.data")
 
@@ -49,13 +50,9 @@ class StreamDataModule(L.LightningDataModule):
         self.run_dir = Path(run_dir)
         self.prepare_data_per_node = False  # one tokenizer per run, in the (shared) run folder
         self._rank, self._world = rank, world_size
-        urls = [stream.url] if isinstance(stream.url, str) or stream.url is None else stream.url
-        self.urls = [str(u) for u in urls if u]
-        if not self.urls or any(not u for u in self.urls):
-            raise ValueError("data.stream.url is empty: give a ws:// URL or a list of them")
-        self.token = token_from_env(stream.token_env)
+        self.streams = StreamSetup(stream, tokenizer, run_dir)
+        self.urls, self.token = self.streams.urls, self.streams.token
         self.tokenizer: Tokenizer | None = None
-        self.server: dict[str, Any] = {}
         self.val_x: torch.Tensor | None = None
         self.val_y: torch.Tensor | None = None
         self._states: dict[
@@ -92,12 +89,16 @@ class StreamDataModule(L.LightningDataModule):
         return bool(self.server.get("finite"))
 
     @property
+    def server(self) -> dict[str, Any]:
+        return self.streams.server
+
+    @property
     def tokenizer_path(self) -> Path:
-        return self.run_dir / "tokenizer.json"
+        return self.streams.tokenizer_path
 
     @property
     def validation_path(self) -> Path:
-        return self.run_dir / "validation.jsonl"
+        return self.streams.validation_path
 
     @property
     def vocab_size(self) -> int:
@@ -109,135 +110,17 @@ class StreamDataModule(L.LightningDataModule):
         assert self.tokenizer is not None, "call setup() first"
         return self.tokenizer.token_to_id(self.tok_cfg.eos_token)
 
-    # -- the servers -------------------------------------------------------------------------
-
-    def _open(self, url: str, consumer: dict[str, Any] | None = None) -> Connection:
-        conn = Connection(
-            url,
-            token=self.token,
-            connect_timeout=self.cfg.connect_timeout_s,
-            recv_timeout=self.cfg.recv_timeout_s,
-        )
-        try:
-            return conn.open(consumer)
-        except ServerRefused:
-            raise
-        except (OSError, TimeoutError, ConnectionError) as e:
-            raise StreamError(no_server(url, e)) from None
+    # -- Lightning hooks ---------------------------------------------------------------------
 
     def check_servers(self) -> dict[str, Any]:
-        """Status of every server; all replicas must serve the same corpus the same way."""
-        statuses = []
-        for url in self.urls:
-            conn = self._open(url)
-            try:
-                statuses.append((url, conn.extended, conn.status()))
-            finally:
-                conn.close()
-        url0, extended, status0 = statuses[0]
-        corpus0 = status0.get("corpus") or {}
-        for url, ext, status in statuses[1:]:
-            corpus = status.get("corpus") or {}
-            if ext != extended or corpus.get("fingerprint") != corpus0.get("fingerprint"):
-                raise StreamError(
-                    f"the servers disagree: {url0} serves corpus {corpus0.get('fingerprint')} "
-                    f"but {url} serves {corpus.get('fingerprint')}; every url in data.stream.url "
-                    "must be a replica of the same corpus, chunking and version"
-                )
-        end = status0.get("end") or {}
-        self.server = {
-            "extended": extended,
-            # Ours reports its end; a core-only server may end whenever it likes.
-            "finite": not extended or any(v is not None for v in end.values()),
-            "eot_marker": corpus0.get("eot_marker", self.tok_cfg.eos_token),
-            "corpus": corpus0,
-        }
-        if not extended:
-            log.warning(
-                "%s speaks only the core protocol (no extensions): training will work, but the "
-                "stream is shared and timing-dependent, so runs are not deterministic and resume "
-                "is not exact",
-                url0,
-            )
-        return self.server
-
-    def _read(
-        self, consumer: dict[str, Any] | None, n: int, stop_at_epoch_end: bool
-    ) -> list[tuple[str, str]]:
-        """Up to n (id, text) samples of one stream, read once at setup."""
-        conn = self._open(self.urls[0], consumer)
-        out: list[tuple[str, str]] = []
-        try:
-            while len(out) < n:
-                conn.request(min(self.cfg.samples_per_request, n - len(out)))
-                reply = conn.receive_data()
-                out += zip(reply.ids, reply.texts, strict=True)
-                if reply.ended or (
-                    stop_at_epoch_end and reply.cursor and reply.cursor.get("epoch", 0) > 0
-                ):
-                    break
-        except (OSError, TimeoutError, ConnectionError) as e:
-            raise StreamError(
-                f"lost the stream server at {self.urls[0]} during setup: {e}"
-            ) from None
-        finally:
-            conn.close()
-        return out
-
-    # -- Lightning hooks ---------------------------------------------------------------------
+        return self.streams.check_servers()
 
     def prepare_data(self) -> None:
         """Rank 0: the run's tokenizer and validation samples, unless the run folder has them."""
-        server = self.check_servers()
-        extended = server["extended"]
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not self.validation_path.exists() and self.cfg.valid_size > 0:
-            if extended:
-                split = {"rank": 0, "world_size": 1, "seed": 0, "split": "validation"}
-                samples = self._read(split, self.cfg.valid_size, stop_at_epoch_end=False)
-            else:  # EIR's way: hold out the first samples of the shared stream, tell the server
-                samples = self._read(None, self.cfg.valid_size, stop_at_epoch_end=False)
-                conn = self._open(self.urls[0])
-                try:
-                    conn.set_validation_ids([i for i, _ in samples])
-                finally:
-                    conn.close()
-            if not samples:
-                raise StreamError(
-                    f"the server's validation split is empty ({self.urls[0]}): hold out documents "
-                    "on the server (source.validation_docs=N), or train without validation with "
-                    "data.stream.valid_size=0"
-                )
-            if len(samples) < self.cfg.valid_size:
-                log.warning(
-                    "the validation split has %d samples, fewer than data.stream.valid_size=%d; "
-                    "using all of them",
-                    len(samples),
-                    self.cfg.valid_size,
-                )
-            tmp = self.validation_path.with_suffix(".tmp")
-            tmp.write_bytes(
-                b"".join(orjson.dumps({"id": i, "text": t}) + b"\n" for i, t in samples)
-            )
-            tmp.replace(self.validation_path)
-
-        def setup_texts() -> list[str]:
-            consumer = {"rank": 0, "world_size": 1, "seed": self.cfg.seed, "split": "train"}
-            samples = self._read(
-                consumer if extended else None,
-                self.cfg.streaming_setup_samples,
-                stop_at_epoch_end=True,
-            )
-            log.info("training the tokenizer on %d streamed samples", len(samples))
-            return [t for _, t in samples]
-
-        tokenizers.build(self.tok_cfg, self.run_dir, setup_texts)
+        self.streams.prepare()
 
     def setup(self, stage: str | None = None) -> None:
-        prepared = self.tokenizer_path.exists() and (
-            self.cfg.valid_size <= 0 or self.validation_path.exists()
-        )
-        if not prepared and getattr(self, "trainer", None) is None:
+        if not self.streams.prepared and getattr(self, "trainer", None) is None:
             self.prepare_data()  # used on its own, without a Trainer to call prepare_data
         if not self.server:
             self.check_servers()

@@ -49,9 +49,13 @@ class ServerProcess:
         self._ready = threading.Event()
 
     def start(self) -> ServerProcess:
-        cmd = [sys.executable, str(SERVE_SCRIPT), *self.overrides]
+        """Launch the server and wait until it accepts connections."""
+        return self.launch().wait_ready()
+
+    def launch(self) -> ServerProcess:
+        """Launch the server without waiting for it (wait_ready() does)."""
         self.proc = subprocess.Popen(
-            cmd,
+            self.command,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -60,12 +64,20 @@ class ServerProcess:
         )
         atexit.register(self.stop)
         threading.Thread(target=self._read_output, daemon=True).start()
+        return self
+
+    def wait_ready(self) -> ServerProcess:
         if not self._ready.wait(self.startup_timeout) or self.url is None:
             self.stop()
             raise RuntimeError(
-                f"the stream server did not start ({' '.join(cmd[1:])}):\n" + "".join(self.tail)
+                f"the stream server did not start ({' '.join(self.command[1:])}):\n"
+                + "".join(self.tail)
             )
         return self
+
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, str(SERVE_SCRIPT), *self.overrides]
 
     def _read_output(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None

@@ -1,0 +1,157 @@
+"""What a run does while Lightning imports: start the stream server, train the tokenizer.
+
+Importing Lightning takes ~5 s of one core (it pulls in torchmetrics, scipy and torch._dynamo),
+time in which the other cores idle. `train.py` opens a HeadStart first: the embedded server starts
+in its own process and, for a fresh run, a background thread reads the validation samples and
+trains the BPE tokenizer (in Rust, outside the GIL) into the run folder, where
+StreamDataModule.prepare_data then finds them. Nothing here imports Lightning.
+
+With several processes per node (DDP), the node's local rank 0 starts the embedded server and
+writes its URL to <run>/server/url-<host>; the node's other ranks read it there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from streamgpt.data.client import Connection
+from streamgpt.data.prepare import StreamSetup
+from streamgpt.perf import STARTUP
+from streamgpt.server.process import ServerProcess
+
+log = logging.getLogger("streamgpt")
+
+
+def local_rank() -> int:
+    """This process's rank on its node, under torchrun / Lightning (LOCAL_RANK) or srun."""
+    return int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0)
+
+
+def global_rank() -> int:
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+
+
+def launch_embedded_server(cfg: DictConfig, run_dir: Path) -> ServerProcess:
+    """The embedded server (cfg.server) on a free port, launched; `wait_ready()` awaits it."""
+    folder = run_dir / "server"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = OmegaConf.to_container(cfg.server, resolve=True)
+    config["port"] = 0
+    config["defaults"] = ["serve_schema", "_self_"]
+    config["hydra"] = {"run": {"dir": str(folder)}, "job": {"name": "serve"}}
+    (folder / "embedded.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    return ServerProcess(
+        [f"--config-dir={folder}", "--config-name=embedded"], log_file=folder / "stdout.log"
+    ).launch()
+
+
+def wait_for_url(path: Path, timeout: float = 600.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            url = path.read_text().strip()
+            try:
+                Connection(url, connect_timeout=2).open().close()
+                return url
+            except (OSError, TimeoutError, ConnectionError):
+                pass  # a stale file from an earlier run, or the server is still starting
+        time.sleep(0.5)
+    raise RuntimeError(
+        f"local rank {local_rank()} found no embedded stream server (waited {timeout:g} s for "
+        f"{path}); every rank of a node must share the run folder (set hydra.run.dir), or point "
+        "all ranks at running servers with data.stream.url"
+    )
+
+
+class HeadStart:
+    """The run's stream servers, and (fresh runs, rank 0) its tokenizer and validation samples,
+    got ready in the background. A context manager: on exit the embedded server is stopped.
+
+    Errors in the background are raised where their result is needed: `urls()`, `wait()`.
+    """
+
+    def __init__(self, cfg: DictConfig, run_dir: str | Path | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir or cfg.paths.output_dir)
+        self.server: ServerProcess | None = None
+        self.url_file = self.run_dir / "server" / f"url-{socket.gethostname()}"
+        self._urls: list[str] | None = None
+        self._error: BaseException | None = None
+        self._have_urls = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="head-start", daemon=True)
+
+    @property
+    def fresh(self) -> bool:
+        """No checkpoint will be resumed, so the tokenizer is this run's own to build."""
+        if self.cfg.ckpt_path:
+            return False
+        checkpoints = self.run_dir / "checkpoints"
+        return not (self.cfg.resume == "auto" and any(checkpoints.glob("*.ckpt")))
+
+    def __enter__(self) -> HeadStart:
+        self._start = time.monotonic()
+        if not self.cfg.data.stream.url and local_rank() == 0:
+            self.url_file.unlink(missing_ok=True)
+            self.server = launch_embedded_server(self.cfg, self.run_dir)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.server is not None:
+            code = self.server.stop()
+            self.url_file.unlink(missing_ok=True)
+            log.info("embedded stream server stopped (exit code %s)", code)
+        self._thread.join(5)  # with the server gone, a thread still reading fails fast
+
+    def _run(self) -> None:
+        try:
+            self._urls = self._find_servers()
+            STARTUP.ready("stream server")
+            self._have_urls.set()
+            if self.fresh and global_rank() == 0 and local_rank() == 0:
+                stream = OmegaConf.merge(self.cfg.data.stream, {"url": self._urls})
+                StreamSetup(stream, self.cfg.tokenizer, self.run_dir).prepare()
+                STARTUP.ready("tokenizer and validation samples")
+        except BaseException as e:  # raised again in the main thread, by urls() or wait()
+            self._error = e
+        finally:
+            self._have_urls.set()
+
+    def _find_servers(self) -> list[str]:
+        url: Any = self.cfg.data.stream.url
+        if url:
+            return [url] if isinstance(url, str) else [str(u) for u in url]
+        if self.server is None:  # another rank of this node starts it
+            return [wait_for_url(self.url_file)]
+        self.server.wait_ready()
+        self.url_file.write_text(self.server.url)
+        log.info(
+            "embedded stream server (%s) at %s, ready in %.1f s; its log: %s",
+            self.cfg.server.source.name,
+            self.server.url,
+            time.monotonic() - self._start,
+            self.run_dir / "server" / "serve.log",
+        )
+        return [self.server.url]
+
+    def urls(self) -> list[str]:
+        """The servers to read from, once they accept connections."""
+        self._have_urls.wait()
+        if self._urls is None:
+            assert self._error is not None
+            raise self._error
+        return self._urls
+
+    def wait(self) -> None:
+        """Until the background work is done; raises its error, if it had one."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
