@@ -52,13 +52,13 @@ PACKAGES = ("torch", "lightning", "hydra-core", "omegaconf", "tokenizers", "webs
 
 def train(cfg: DictConfig, head: HeadStart | None = None) -> float | None:
     """One run. `head`: the run's HeadStart, opened before Lightning was imported (train.py)."""
-    if head is None:
+    if head is None:  # not from train.py, which validates before it opens the head start
+        validate(cfg)
         with HeadStart(cfg) as head:
             return train(cfg, head)
     # Lightning calls a deprecated torch API on every batch; the warning is not ours to fix.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     run_dir = Path(cfg.paths.output_dir)
-    validate(cfg)
     check_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     L.seed_everything(cfg.seed, workers=True)
     checkpoint = find_checkpoint(cfg, run_dir)
