@@ -8,6 +8,8 @@ import logging
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -355,3 +357,45 @@ def test_a_server_that_stays_broken_ends_in_a_clear_error_within_the_budget(make
     with pytest.raises(StreamError, match=r"could not get data from it for 4 s"):
         drain()
     assert time.monotonic() - started < 4 + 1 + 5
+
+
+EXIT_WHILE_BUSY = """
+import atexit, sys, threading
+
+def consumers_left():  # registered first, so it runs after streamgpt's own exit handler
+    alive = [t.name for t in threading.enumerate() if t.name.startswith("stream-consumer")]
+    print("consumer threads at exit:", alive, flush=True)
+
+atexit.register(consumers_left)
+
+from streamgpt.data import StreamDataModule, TokenizerConfig
+from streamgpt.data.config import StreamConfig
+
+cfg = StreamConfig(url=sys.argv[1], batch_size=1, max_length=8, valid_size=0,
+                   prefetch_batches=100000, samples_per_request=64)
+dm = StreamDataModule(cfg, TokenizerConfig(vocab_size=1024), sys.argv[2])
+dm.setup()
+batches = iter(dm.train_dataloader())
+print(tuple(next(batches)["x"].shape), flush=True)
+# Exit at once, the iterator still open: the consumer thread is packing thousands of batches.
+"""
+
+
+def test_a_process_exits_cleanly_while_its_consumer_thread_is_busy(
+    stream_server, shared_tokenizer, tmp_path
+):
+    """The exit-134 abort ("terminate called without an active exception"): a daemon thread in a
+    torch operator while the interpreter finalizes. The consumer thread never calls into torch,
+    and is stopped and joined before the interpreter finalizes."""
+    shutil.copy(shared_tokenizer, tmp_path / "tokenizer.json")
+    script = tmp_path / "exit_while_busy.py"
+    script.write_text(EXIT_WHILE_BUSY)
+    for _ in range(5):
+        done = subprocess.run(
+            [sys.executable, str(script), stream_server.url, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout == "(1, 8)\nconsumer threads at exit: []\n"

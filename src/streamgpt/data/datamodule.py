@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from streamgpt.data import tokenizer as tokenizers
 from streamgpt.data.client import StreamError
-from streamgpt.data.dataset import Encoder, StreamDataset, TokenPacker
+from streamgpt.data.dataset import Encoder, StreamDataset, TokenPacker, close_feeds
 from streamgpt.data.prepare import StreamSetup
 
 log = logging.getLogger("streamgpt.data")
@@ -144,8 +144,8 @@ class StreamDataModule(L.LightningDataModule):
         xs, ys = [], []
         while packer.ready():
             x, y, _ = packer.pop()
-            xs.append(x)
-            ys.append(y)
+            xs.append(torch.from_numpy(x))
+            ys.append(torch.from_numpy(y))
         if not xs:
             raise StreamError(
                 f"the {len(texts)} validation samples hold fewer than max_length+1 = "
@@ -183,6 +183,9 @@ class StreamDataModule(L.LightningDataModule):
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def teardown(self, stage: str) -> None:
+        close_feeds()  # no consumer thread outlives training (see data/dataset.py)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_x is None:

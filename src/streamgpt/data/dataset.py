@@ -10,14 +10,22 @@ Every batch carries the consumer's state right after it (server cursor, tokens a
 yet trained), so a checkpoint can record exactly what has been trained and a resume continues
 with the very next batch. If the server goes away, the thread reconnects from the last cursor
 with exponential backoff; nothing is repeated or skipped.
+
+The background thread never calls into torch: it hands over numpy arrays, made tensors by the
+thread that iterates. A daemon thread inside a torch op when the interpreter exits aborts the
+process ("terminate called without an active exception", exit code 134: torch's operators release
+the GIL and cannot take it back during finalization). Threads are also stopped and joined when
+training ends (StreamDataModule.teardown) and at exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -62,13 +70,14 @@ class TokenPacker:
     def ready(self) -> bool:
         return self._size >= self.need
 
-    def pop(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """The next batch and the ids of the samples whose first token is in it."""
+    def pop(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """The next batch (int64 arrays of shape (batch_size, max_length)) and the ids of the
+        samples whose first token is in it."""
         tokens = np.concatenate(self._parts) if len(self._parts) > 1 else self._parts[0]
         stride = self.batch_size * self.max_length
-        window = torch.from_numpy(tokens[: self.need].astype(np.int64))
-        x = window[:-1].view(self.batch_size, self.max_length)
-        y = window[1:].view(self.batch_size, self.max_length)
+        window = tokens[: self.need].astype(np.int64)
+        x = window[:-1].reshape(self.batch_size, self.max_length)
+        y = window[1:].reshape(self.batch_size, self.max_length)
         # The last target token is also the first input token of the next batch.
         rest = tokens[stride:]
         self._parts, self._size = [rest], int(rest.size)
@@ -78,7 +87,7 @@ class TokenPacker:
 
     def state(self) -> dict[str, Any]:
         tokens = np.concatenate(self._parts) if self._parts else np.empty(0, np.int32)
-        return {"tokens": torch.from_numpy(tokens.astype(np.int32)), "ids": list(self._starts)}
+        return {"tokens": tokens.astype(np.int32), "ids": list(self._starts)}
 
 
 class Encoder:
@@ -121,8 +130,10 @@ class ConsumerFeed:
             target=self._run, name=f"stream-consumer-{self.k}", daemon=True
         )
         self.reconnects = 0
+        self._conn: Connection | None = None  # the open connection, for close() to interrupt
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        _FEEDS.add(self)
         self._thread.start()
         try:
             while True:
@@ -131,12 +142,19 @@ class ConsumerFeed:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                yield _as_tensors(item)
         finally:
             self.close()
 
-    def close(self) -> None:
-        self._stop.set()  # the producer notices within 0.2 s, even when blocked on a full queue
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the producer and wait for it (its connection is closed under it if it waits for
+        a reply; blocked on a full queue, it notices within 0.2 s)."""
+        self._stop.set()
+        conn = self._conn
+        if conn is not None:
+            conn.close()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def _put(self, item: Any) -> bool:
         while not self._stop.is_set():
@@ -167,7 +185,8 @@ class ConsumerFeed:
                 recv_timeout=self.cfg.recv_timeout_s,
             )
             try:
-                return conn.open({**self.consumer, "cursor": self.cursor})
+                self._conn = conn.open({**self.consumer, "cursor": self.cursor})
+                return self._conn
             except ServerRefused:
                 raise
             except (OSError, TimeoutError, ConnectionError) as e:
@@ -219,6 +238,8 @@ class ConsumerFeed:
             except ServerRefused:
                 raise
             except (OSError, TimeoutError, ConnectionError) as e:
+                if self._stop.is_set():  # close() shut the connection: we are done
+                    break
                 # Gone, stalled (no reply within recv_timeout_s) or garbled: start again from
                 # the last cursor whose samples we kept. Nothing is repeated or skipped.
                 log.warning("consumer %d: lost %s (%s); reconnecting", self.k, self.url, e)
@@ -250,6 +271,30 @@ class ConsumerFeed:
 
     def state(self) -> dict[str, Any]:
         return {"cursor": self.cursor, **self.packer.state()}
+
+
+# Every feed of this process, to stop its thread before the interpreter exits.
+_FEEDS: weakref.WeakSet[ConsumerFeed] = weakref.WeakSet()
+
+
+def close_feeds() -> None:
+    """Stop and join the consumer threads of this process (end of training, and at exit)."""
+    for feed in list(_FEEDS):
+        feed.close()
+
+
+atexit.register(close_feeds)
+
+
+def _as_tensors(batch: dict[str, Any]) -> dict[str, Any]:
+    """The producer's numpy arrays as tensors (no copy), in the iterating thread."""
+    state = batch["state"]
+    return {
+        **batch,
+        "x": torch.from_numpy(batch["x"]),
+        "y": torch.from_numpy(batch["y"]),
+        "state": {**state, "tokens": torch.from_numpy(state["tokens"])},
+    }
 
 
 class StreamDataset(IterableDataset):
