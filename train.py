@@ -2,21 +2,26 @@
 
 Configs: conf/train.yaml and its groups; `python train.py --help` lists them, `--cfg job` prints
 the composed config. The work is in src/streamgpt/app.py.
+Exit codes: 0 finished, 2 a configuration or setup error (one line says which), 130 / 143 stopped
+by SIGINT / SIGTERM after saving a checkpoint (resume=auto continues it), 1 anything else.
 """
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from streamgpt.config import register_configs
+from streamgpt.config import check_command_line, register_configs
 from streamgpt.headstart import HeadStart
 from streamgpt.malloc import keep_freed_memory
 from streamgpt.perf import STARTUP
+from streamgpt.signals import SIGNALS, Stopped
 
-register_configs()
+CONF = Path(__file__).resolve().parent / "conf"
+register_configs(CONF)
 STARTUP.mark("python, torch and hydra imports")
 
 
@@ -25,9 +30,11 @@ def main(cfg: DictConfig) -> float | None:
     from streamgpt.config import validate
     from streamgpt.data.client import StreamError
 
+    log = logging.getLogger("streamgpt")
     keep_freed_memory()  # steps reuse their buffers instead of faulting in fresh pages each time
     if any(phase == "config composed and checked" for phase, _ in STARTUP.marks):
         STARTUP.restart()  # the next job of a multirun
+    SIGNALS.install()  # SIGINT / SIGTERM: stop now before training, after a checkpoint during it
     try:
         validate(cfg)  # before importing Lightning: a bad value costs seconds, not a long import
         STARTUP.mark("config composed and checked")
@@ -36,18 +43,21 @@ def main(cfg: DictConfig) -> float | None:
 
             STARTUP.mark("lightning imports")
             return train(cfg, head)
+    except Stopped as e:
+        log.warning("%s%s", e, "; continue with resume=auto" if e.checkpoint else "")
+        sys.exit(e.exit_code)
     except MissingMandatoryValue as e:
-        logging.getLogger("streamgpt").error(
-            "error: %s has no value; set it on the command line, e.g. %s=...",
-            e.full_key,
-            e.full_key,
-        )
+        key = e.full_key
+        log.error("error: %s has no value; set it on the command line, e.g. %s=...", key, key)
         sys.exit(2)
     except (ValueError, StreamError, FileNotFoundError) as e:
         # A config or setup error a user can fix: one line, no traceback.
-        logging.getLogger("streamgpt").error("error: %s", e)
+        log.error("error: %s", e)
         sys.exit(2)
+    finally:
+        SIGNALS.uninstall()
 
 
 if __name__ == "__main__":
+    check_command_line(CONF, sys.argv[1:])  # a misspelt key: one line, before Hydra composes
     main()

@@ -36,6 +36,7 @@ from streamgpt.data import StreamDataModule
 from streamgpt.headstart import launch_embedded_server
 from streamgpt.lit_module import LitGPT
 from streamgpt.malloc import keep_freed_memory
+from streamgpt.perf import device_peak
 
 REPO = Path(__file__).resolve().parents[1]
 # experiment name -> (overrides, warm-up steps, timed steps)
@@ -93,7 +94,7 @@ class MemoryData(L.LightningDataModule):
 
 
 def compose_run(overrides: list[str], run_dir: Path):
-    register_configs()
+    register_configs(REPO / "conf")
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, *QUIET, f"paths.output_dir={run_dir}"])
     validate(cfg)
@@ -105,7 +106,8 @@ def fit(cfg, run_dir: Path, datamodule, steps: int, server_pid: int) -> StepCloc
     model_cfg = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "compile"}
     model = LitGPT(model_cfg, OmegaConf.to_container(cfg.optimizer), compile=cfg.model.compile)
     cfg = OmegaConf.merge(cfg, {"trainer": {"max_steps": steps}})
-    trainer = build_trainer(cfg, run_dir, [], validation=False)
+    peak = device_peak("cpu", cfg.trainer.precision, cfg.peak_flops)
+    trainer = build_trainer(cfg, run_dir, [], validation=False, peak=peak)
     clock = StepClock(server_pid)
     trainer.callbacks.append(clock)
     trainer.fit(model, datamodule=datamodule)

@@ -6,15 +6,20 @@ composed config.
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
+from streamgpt.command_line import check_command_line, register_help
 from streamgpt.server import run
-from streamgpt.server.config import register_configs
+from streamgpt.server.config import SOURCE_SCHEMAS, ServeConfig, register_configs
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
+USAGE = "python scripts/serve.py [source=option] [key=value ...]: serve a corpus to trainers"
 register_configs()
+register_help(CONF, "serve", USAGE, "port=8765 chunk.words=256")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
@@ -34,4 +39,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line(CONF, "serve", ServeConfig, SOURCE_SCHEMAS, sys.argv[1:])
     main()

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -20,7 +19,8 @@ from omegaconf.errors import MissingMandatoryValue
 
 from streamgpt.config import register_configs, validate
 
-from .wandb_log import history
+from .runs import processes_using
+from .wandb_log import config_updates, history, run_info
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -59,7 +59,7 @@ def options():
 
 
 def compose_train(overrides: list[str]):
-    register_configs()
+    register_configs(CONF)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("train", overrides=overrides, return_hydra_config=True)
 
@@ -159,15 +159,6 @@ def train(
     )
 
 
-def processes_using(path: Path) -> list[str]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if str(path) in cmdline:
-            found.append(cmdline)
-    return found
-
-
 def test_train_with_no_server_running_writes_every_artifact_and_leaves_nothing_behind(tmp_path):
     run = tmp_path / "run"
     done = train(
@@ -257,9 +248,10 @@ def test_a_two_job_multirun_gives_two_folders_and_two_wandb_runs(tmp_path):
     assert runs[0].name.split("-")[-1] != runs[1].name.split("-")[-1], "two W&B runs, not one"
     for job in jobs:
         assert (job / "checkpoints" / "last.ckpt").exists()
-    config = runs[0] / "files" / "config.yaml"
-    if config.exists():  # wandb writes it at the end of an offline run
-        assert "optimizer" in config.read_text()
+    lrs = [config_updates(r)[0]["optimizer"]["lr"] for r in runs]
+    assert lrs == [1e-3, 3e-4], "each job's own config"
+    names = [run_info(r)["display_name"] for r in runs]
+    assert names[0].startswith("babygpt-tiny lr=0.001") and names[1].startswith("babygpt-tiny lr=")
 
 
 def read_batches(run: Path) -> dict[int, dict]:
@@ -307,10 +299,51 @@ def test_a_killed_run_resumes_with_the_same_wandb_run_step_and_data(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.n_layr=2", "error: unknown key model.n_layr (model has: vocab_size, context,"),
+        ("+model.n_layr=2", "error: unknown key model.n_layr (model has: vocab_size, context,"),
+        ("++model.n_layr=2", "error: unknown key model.n_layr (model has: vocab_size, context,"),
+        ("+trainer.kwargs.detect_anomaly=true", None),  # free-form: any Trainer argument
+        ("data.stream.batchsize=4", "error: unknown key data.stream.batchsize (data.stream has: "),
+        ("+wandb=1", "error: unknown key wandb (the config has: model, optimizer, data,"),
+        ("server.source.paths=[x]", "error: unknown key server.source.paths (server.source has:"),
+        ("model=gpt5", "error: model=gpt5: no such option (model is one of: babygpt, babygpt-tiny"),
+        ("optimizer=adam,lion", "error: optimizer=adam: no such option (optimizer is one of"),
+        ("source=files", "error: source=files: choose it with source@server.source=files"),
+    ],
+)
+def test_a_misspelt_key_or_option_is_refused_in_one_line_naming_what_exists(override, message):
+    done = subprocess.run(
+        [sys.executable, "train.py", override, "--cfg", "job"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if message is None:  # accepted: Hydra composes it
+        assert done.returncode == 0, done.stderr
+        return
+    assert done.returncode == 2
+    assert done.stderr.startswith(message), done.stderr
+    assert done.stdout == "" and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_help_lists_the_groups_as_a_user_types_them():
+    done = subprocess.run(
+        [sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 0
+    assert "source@server.source=shakespeare|files|fineweb" in done.stdout
+    assert "model=babygpt-tiny|babygpt|gpt2-small|streaming_tutorial" in done.stdout
+    assert "precision=32-true|" in done.stdout and "hparams_search=null|optuna" in done.stdout
+    assert "_schema" not in done.stdout
+    assert "130 / 143" in done.stdout  # the exit codes
+
+
+@pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["model.n_layr=2"], "Key 'n_layr' not in 'ModelConfig'"),
-        (["model=gpt5"], "Could not find 'model/gpt5'"),
         (
             ["data.stream.url=ws://127.0.0.1:9/ws", "logger=none"],
             "no stream server at ws://127.0.0.1:9/ws",
@@ -350,22 +383,57 @@ def test_every_experiment_runs_two_steps_end_to_end(tmp_path, experiment):
     assert (run / "samples" / "iter_2" / "manual_1.txt").read_text().startswith("Steven")
 
 
+def test_the_optuna_study_lives_in_the_project_whatever_the_working_directory(
+    tmp_path, monkeypatch
+):
+    for cwd in (REPO, tmp_path):
+        monkeypatch.chdir(cwd)
+        cfg = compose_train(["hparams_search=optuna"])
+        storage = OmegaConf.select(cfg, "hydra.sweeper.storage")
+        assert storage == f"sqlite:///{REPO}/outputs/optuna.db"
+
+
 @pytest.mark.slow
-def test_an_optuna_search_runs_trials_and_reports_the_best(tmp_path):
-    sweep = tmp_path / "sweep"
-    cmd = [
-        sys.executable,
-        "train.py",
-        "hparams_search=optuna",
-        "hydra.sweeper.n_trials=2",
-        f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
-        f"hydra.sweep.dir={sweep}",
-        "debug=default",
-        "logger=csv",
-        *SMALL,
-    ]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()) == ["0", "1"]
-    best = (sweep / "optimization_results.yaml").read_text()
-    assert "best_params" in best and "optimizer.lr" in best
+def test_an_optuna_search_rerun_from_elsewhere_adds_new_trials_each_its_own_wandb_run(tmp_path):
+    import optuna
+
+    project = tmp_path / "project"  # paths.root_dir: where outputs/optuna.db goes
+    study = "lr-warmup-test"
+
+    def search(cwd: Path, sweep: Path) -> subprocess.CompletedProcess:
+        cwd.mkdir()
+        return subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "train.py"),
+                "hparams_search=optuna",
+                "hydra.sweeper.n_trials=2",
+                f"hydra.sweeper.study_name={study}",
+                f"paths.root_dir={project}",
+                f"hydra.sweep.dir={sweep}",
+                "debug=default",
+                "logger.mode=offline",
+                *SMALL,
+            ],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env={**os.environ, "WANDB_API_KEY": ""},
+        )
+
+    storage = f"sqlite:///{project}/outputs/optuna.db"
+    params = []
+    for n, where in enumerate(("a", "b"), start=1):
+        sweep = tmp_path / f"sweep-{where}"
+        done = search(tmp_path / where, sweep)
+        assert done.returncode == 0, done.stderr[-3000:]
+        trials = optuna.load_study(study_name=study, storage=storage).trials
+        assert len(trials) == 2 * n, "the second search continued the study"
+        params.append([tuple(sorted(t.params.items())) for t in trials[-2:]])
+        assert (sweep / "optimization_results.yaml").is_file()
+        runs = [next((sweep / job / "wandb").glob("offline-run-*")) for job in ("0", "1")]
+        infos = [run_info(r) for r in runs]
+        assert infos[0]["run_id"] != infos[1]["run_id"], "each trial is its own W&B run"
+        assert infos[0]["run_group"] == infos[1]["run_group"] == f"babygpt-tiny/sweep-{sweep.name}"
+    assert not set(params[0]) & set(params[1]), f"the rerun proposed new parameters: {params}"

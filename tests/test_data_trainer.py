@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from streamgpt.callbacks import StreamEndSync, ThroughputMonitor
 from streamgpt.data import StreamDataModule, TokenizerConfig
+from streamgpt.lit_module import LitGPT
 from streamgpt.server.process import ServerProcess
 
 from .conftest import stream_cfg
@@ -100,3 +103,38 @@ def test_real_ddp_ranks_train_disjoint_samples_and_stop_together(tmp_path, worke
     ids = ranks[0]["ids"] + ranks[1]["ids"]
     assert len(ids) == len(set(ids)), "no sample is trained twice"
     assert set(ranks[0]["ids"]).isdisjoint(ranks[1]["ids"])
+
+
+def test_metrics_are_logged_at_the_global_step_and_mfu_never_above_one(
+    stream_server, tmp_path, caplog
+):
+    runs = {}
+    for peak in (1.0, 1e15):  # a peak far too low: every step would "beat" it
+        run = tmp_path / f"peak-{peak:g}"
+        dm = StreamDataModule(stream_cfg(stream_server.url), TokenizerConfig(vocab_size=512), run)
+        model = LitGPT(
+            {"context": 32, "d_model": 32, "n_layers": 2, "n_heads": 2},
+            {"name": "adamw", "lr": 1e-3, "warmup_steps": 2},
+        )
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=5,
+            callbacks=[ThroughputMonitor(peak)],
+            logger=CSVLogger(run / "logs"),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            log_every_n_steps=1,
+            enable_checkpointing=False,
+        )
+        with caplog.at_level(logging.WARNING, logger="streamgpt"):
+            trainer.fit(model, datamodule=dm)
+        with open(next((run / "logs").rglob("metrics.csv"))) as f:
+            runs[peak] = list(csv.DictReader(f))
+    rows = runs[1e15]
+    assert [int(r["step"]) for r in rows if r.get("train/loss")] == [1, 2, 3, 4, 5]
+    mfu = [float(r["perf/mfu"]) for r in rows if r.get("perf/mfu")]
+    assert len(mfu) == 4 and all(0 < m < 1 for m in mfu)  # from step 2: step 1 has no wait
+    assert not any(r.get("perf/mfu") for r in runs[1.0])
+    assert caplog.text.count("above the peak") == 1
+    assert not [t for t in threading.enumerate() if t.name.startswith("stream-consumer")]

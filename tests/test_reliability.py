@@ -4,12 +4,10 @@ again, a trainer killed again and again, broken checkpoints. Nothing may be lost
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,42 +16,7 @@ import torch
 
 from streamgpt.server.process import ServerProcess
 
-REPO = Path(__file__).resolve().parents[1]
-SMALL = [
-    "model.d_model=64",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "model.context=64",
-    "data.stream.batch_size=8",
-    "tokenizer.vocab_size=512",
-    "data.stream.valid_size=16",
-    "data.stream.streaming_setup_samples=200",
-    "callbacks.samples.max_new_tokens=8",
-    "trainer.log_every_n_steps=1",
-    "trainer.progress_bar=false",
-    "logger=csv",
-    "data.stream.log_batches=true",
-]
-
-
-def command(run: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "train.py", f"hydra.run.dir={run}", *SMALL, *overrides]
-
-
-def train(run: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        command(run, *overrides),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "WANDB_API_KEY": ""},
-    )
-
-
-def batches(run: Path) -> list[tuple[int, str, list[str]]]:
-    rows = [json.loads(line) for line in (run / "batches-rank0.jsonl").read_text().splitlines()]
-    return [(r["batch"], r["x"], r["ids"]) for r in rows]
+from .runs import REPO, batches, command, train
 
 
 def metric(run: Path, name: str) -> list[float]:

@@ -1,58 +1,56 @@
-"""Reading an offline W&B run's history from its .wandb file (wandb ships no reader any more).
-
-The file is a LevelDB-style log: a 7-byte header, then 32 KiB blocks of records, each with a
-7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last) and a protobuf Record.
-"""
+"""An offline W&B run read back with W&B's own reader: `wandb leet inspect --json`, which prints
+every record of a run's .wandb transaction log as one JSON object per line."""
 
 from __future__ import annotations
 
 import json
-import struct
+import subprocess
+import sys
 from pathlib import Path
-
-from wandb.proto import wandb_internal_pb2 as pb
-
-BLOCK = 32768
-HEADER = 7
+from typing import Any
 
 
-def records(path: Path) -> list[pb.Record]:
-    data = path.read_bytes()
-    pos, pending, out = HEADER, b"", []
-    while pos + 7 <= len(data):
-        if BLOCK - pos % BLOCK < 7:  # the rest of a block too short for a header is padding
-            pos += BLOCK - pos % BLOCK
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind == 0:
-            break
-        if kind == 1:
-            out.append(chunk)
-        elif kind == 2:
-            pending = chunk
-        elif kind == 3:
-            pending += chunk
-        elif kind == 4:
-            out.append(pending + chunk)
-    parsed = []
-    for raw in out:
-        record = pb.Record()
-        record.ParseFromString(raw)
-        parsed.append(record)
-    return parsed
+def records(run_dir: Path) -> list[dict[str, Any]]:
+    """Every record of one offline run (its folder: <run>/wandb/offline-run-*)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
-def history(run_dir: Path) -> list[dict]:
-    """The rows logged to an offline run (its folder: wandb/offline-run-*)."""
-    path = next(Path(run_dir).glob("run-*.wandb"))
-    rows = []
-    for record in records(path):
-        if record.WhichOneof("record_type") == "history":
-            row = {}
-            for item in record.history.item:
-                key = item.key or "/".join(item.nested_key)
-                row[key] = json.loads(item.value_json)
-            rows.append(row)
-    return rows
+def of_type(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    return [r[kind] for r in records(run_dir) if r.get("type") == kind]
+
+
+def history(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows logged to the run, in order (W&B's `_step` included)."""
+    return [h["item"] for h in of_type(run_dir, "history")]
+
+
+def config_updates(run_dir: Path) -> list[dict[str, Any]]:
+    """Each config update the run sent, in order, keys starting with `_` (W&B's own) left out."""
+    updates = []
+    for record in records(run_dir):
+        kind = record.get("type")
+        body = record.get("run", {}).get("config") if kind == "run" else record.get("config")
+        if kind in ("run", "config") and body:
+            mine = {k: v for k, v in body.get("update", {}).items() if not k.startswith("_")}
+            if mine:
+                updates.append(mine)
+    return updates
+
+
+def summary(run_dir: Path) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for record in of_type(run_dir, "summary"):
+        merged.update(record.get("update", {}))
+    return merged
+
+
+def run_info(run_dir: Path) -> dict[str, Any]:
+    """The run record: run_id, display_name, run_group, ..."""
+    return of_type(run_dir, "run")[0]

@@ -3,7 +3,7 @@
 compose -> validate -> HeadStart (stream server, tokenizer; train.py opens it before importing
 Lightning) -> find the checkpoint to resume -> DataModule, LitGPT, loggers, callbacks, Trainer ->
 fit -> say where everything is. The embedded server is stopped and W&B is finished whatever
-happens (errors, Ctrl-C), so multirun jobs never leave a server behind or merge into one W&B run.
+happens (errors, signals), so multirun jobs never leave a server behind or merge into one W&B run.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import platform
 import shutil
 import socket
@@ -25,15 +24,16 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from streamgpt.attempts import attempt_dir, overrides
 from streamgpt.callbacks import (
+    GracefulStop,
     LossCurve,
     SampleGenerations,
     StartupReport,
     StepCheckpoint,
+    StepProgressBar,
     StreamEndSync,
     ThroughputMonitor,
 )
@@ -42,8 +42,10 @@ from streamgpt.config import validate
 from streamgpt.data import StreamDataModule
 from streamgpt.headstart import HeadStart, global_rank, local_rank
 from streamgpt.lit_module import LitGPT
-from streamgpt.perf import STARTUP, check_precision, peak_rss_mb
+from streamgpt.loggers import RunRecord, build_loggers, checkpoint_identity
+from streamgpt.perf import STARTUP, Peak, check_precision, device_peak, peak_rss_mb
 from streamgpt.server.process import REPO
+from streamgpt.signals import Stopped
 
 log = logging.getLogger("streamgpt")
 
@@ -56,17 +58,17 @@ def train(cfg: DictConfig, head: HeadStart | None = None) -> float | None:
         validate(cfg)
         with HeadStart(cfg) as head:
             return train(cfg, head)
-    # Lightning calls a deprecated torch API on every batch; the warning is not ours to fix.
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    quiet_lightning()
     run_dir = Path(cfg.paths.output_dir)
     check_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     checkpoint = find_checkpoint(cfg, run_dir)
     rank0 = global_rank() == 0 and local_rank() == 0
     if rank0:
-        record_run(cfg, run_dir)
+        record_run(cfg, attempt_dir(run_dir))
     loggers: list = []
     summary: list[str] = []
+    exit_code = 1  # until fit returns
     try:
         stream = OmegaConf.merge(cfg.data.stream, {"url": head.urls()})
         STARTUP.mark("waiting for the stream server")
@@ -74,29 +76,57 @@ def train(cfg: DictConfig, head: HeadStart | None = None) -> float | None:
             adopt_run_files(checkpoint, run_dir)
         datamodule = StreamDataModule(stream, cfg.tokenizer, run_dir)
         model_cfg = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "compile"}
-        model = LitGPT(
-            model_cfg,
-            OmegaConf.to_container(cfg.optimizer),
-            compile=cfg.model.compile,
-            peak_flops=cfg.peak_flops,
-        )
-        loggers = build_loggers(cfg, run_dir, checkpoint)
+        model = LitGPT(model_cfg, OmegaConf.to_container(cfg.optimizer), compile=cfg.model.compile)
+        loggers = build_loggers(cfg, run_dir, checkpoint_identity(checkpoint))
         if rank0:
             for logger in loggers:
                 _ = logger.experiment  # W&B starts now, while the tokenizer may still train
-        trainer = build_trainer(cfg, run_dir, loggers, validation=stream.valid_size > 0)
-        STARTUP.mark("loggers (W&B), model and trainer objects")
+        STARTUP.mark("loggers (W&B) and model objects")
         head.wait()
         STARTUP.mark("waiting for the tokenizer and validation samples")
+        peak = device_peak(compute_device(cfg), cfg.trainer.precision, cfg.peak_flops)
+        log.info("perf/mfu is measured against %.4g FLOP/s: %s", peak.flops, peak.source)
+        STARTUP.mark("peak FLOP/s (for perf/mfu)")
+        trainer = build_trainer(cfg, run_dir, loggers, validation=stream.valid_size > 0, peak=peak)
+        STARTUP.mark("trainer object")
         trainer.fit(model, datamodule=datamodule, ckpt_path=checkpoint)
+        exit_code = 0
         if trainer.is_global_zero:
             summary = report(run_dir, trainer, head)
         metric = trainer.callback_metrics.get(cfg.optimized_metric)
         return float(metric) if metric is not None else None
+    except Stopped as e:
+        exit_code = e.exit_code
+        raise
     finally:
-        finish_loggers(loggers)
+        finish_loggers(loggers, exit_code)
         if summary:  # last, below W&B's own closing lines
             print("\n" + "\n".join(summary), flush=True)
+
+
+def compute_device(cfg: DictConfig) -> torch.device:
+    """The device this process trains on, as Lightning will pick it."""
+    accelerator = cfg.trainer.accelerator
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def quiet_lightning() -> None:
+    """Lightning's lines once, in the run's log format, and without its product tips."""
+    # Lightning calls a deprecated torch API on every batch; the warning is not ours to fix.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    logger = logging.getLogger("lightning")
+    for handler in list(logger.handlers):  # its own console handler: Hydra's root one prints too
+        logger.removeHandler(handler)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) for f in rank_zero.filters):
+        rank_zero.addFilter(_NoTips())
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
 
 
 # -- resuming ---------------------------------------------------------------------------------
@@ -135,10 +165,11 @@ def adopt_run_files(checkpoint: str, run_dir: Path) -> None:
 # -- what the run records ---------------------------------------------------------------------
 
 
-def record_run(cfg: DictConfig, run_dir: Path) -> None:
-    """Everything that made this run, beside its outputs: resolved config, versions, commit."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+def record_run(cfg: DictConfig, folder: Path) -> None:
+    """Everything that made this attempt, beside its outputs: resolved config, versions, commit.
+    `folder`: the run folder for a first attempt, its .hydra/attempt-<k>/ for later ones."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     versions = {}
     for dist in sorted(metadata.distributions(), key=lambda d: d.metadata["Name"].lower()):
         versions[dist.metadata["Name"]] = dist.version
@@ -154,7 +185,7 @@ def record_run(cfg: DictConfig, run_dir: Path) -> None:
         "key_packages": {p: versions.get(p) for p in PACKAGES},
         "packages": versions,
     }
-    (run_dir / "environment.json").write_text(json.dumps(info, indent=2))
+    (folder / "environment.json").write_text(json.dumps(info, indent=2))
 
 
 def _git() -> dict[str, Any]:
@@ -172,56 +203,15 @@ def _git() -> dict[str, Any]:
 # -- loggers, callbacks, trainer --------------------------------------------------------------
 
 
-def run_names(cfg: DictConfig) -> tuple[str, str]:
-    """(W&B group, run name): the experiment (and sweep), and this run's overrides."""
-    if not HydraConfig.initialized():  # called outside a Hydra app (tests, notebooks)
-        return "default", "default"
-    hydra = HydraConfig.get()
-    name = hydra.job.override_dirname or "default"
-    group = hydra.runtime.choices.get("experiment") or "default"
-    if hydra.mode == RunMode.MULTIRUN:
-        group = f"{group}/sweep-{Path(hydra.sweep.dir).name}"
-    return group, name
-
-
-def build_loggers(cfg: DictConfig, run_dir: Path, checkpoint: str | None) -> list:
-    kind = cfg.logger.kind
-    if kind == "none":
-        return []
-    if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        return [CSVLogger(run_dir, name="csv")]
-    from lightning.pytorch.loggers import WandbLogger
-
-    mode = cfg.logger.mode
-    if mode == "auto":
-        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    run_id = None
-    if checkpoint is not None:
-        run_id = torch.load(checkpoint, map_location="cpu", weights_only=True).get("wandb_run_id")
-    group, name = run_names(cfg)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    logger = WandbLogger(
-        project=cfg.logger.project,
-        entity=cfg.logger.entity,
-        name=name,
-        group=group,
-        tags=list(cfg.logger.tags),
-        save_dir=str(run_dir),
-        offline=mode == "offline",
-        id=run_id,
-        resume="allow" if run_id else None,
-        config=config,
-    )
-    return [logger]
-
-
-def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list, validation: bool) -> L.Trainer:
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, loggers: list, validation: bool, peak: Peak
+) -> L.Trainer:
     t, cb = cfg.trainer, cfg.callbacks
     samples = cb.samples
+    checkpoints = run_dir / "checkpoints"
     callbacks = [
-        ThroughputMonitor(),  # first: it times the step before the other callbacks run
+        ThroughputMonitor(peak.flops),  # first: it times the step before the other callbacks run
+        GracefulStop(checkpoints),  # before the end-of-training callbacks: a stop skips them
         StreamEndSync(),
         SampleGenerations(
             run_dir,
@@ -235,9 +225,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list, validation: boo
             seed=samples.seed,
         ),
         LossCurve(run_dir, every=cb.sample_every),
-        StepCheckpoint(run_dir / "checkpoints", cb.checkpoint_every, cb.n_saved, validation),
+        StepCheckpoint(checkpoints, cb.checkpoint_every, cb.n_saved, validation),
         StartupReport(run_dir, compiled=cfg.model.compile),
+        RunRecord(
+            OmegaConf.to_container(cfg, resolve=True),
+            {"peak_flops": peak.flops, "peak_flops_source": peak.source},
+            overrides(),
+        ),
     ]
+    if t.progress_bar:
+        callbacks.append(StepProgressBar())
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -253,6 +250,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list, validation: boo
         accumulate_grad_batches=t.accumulate_grad_batches,
         deterministic=t.deterministic,
         enable_progress_bar=t.progress_bar,
+        enable_autolog_hparams=False,  # RunRecord logs the whole config once, nested
         callbacks=callbacks,
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
@@ -261,15 +259,15 @@ def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list, validation: boo
     )
 
 
-def finish_loggers(loggers: list) -> None:
+def finish_loggers(loggers: list, exit_code: int) -> None:
     for logger in loggers:
         with contextlib.suppress(Exception):
-            logger.finalize("success")
+            logger.finalize("success" if exit_code == 0 else "failed")
     if "wandb" in sys.modules:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=exit_code)
 
 
 def report(run_dir: Path, trainer: L.Trainer, head: HeadStart) -> list[str]:

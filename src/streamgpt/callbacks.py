@@ -5,7 +5,9 @@
 - StepCheckpoint: checkpoints every `every` steps, the best n by val/loss plus last.ckpt.
 - ThroughputMonitor: perf/data_wait_s, perf/tokens_per_s, perf/mfu.
 - StreamEndSync: all ranks stop after the same step when a finite stream runs out.
+- GracefulStop: on SIGINT / SIGTERM / SLURM's requeue signal, a checkpoint of the step, then exit.
 - StartupReport: where the seconds before the first optimizer step went.
+- StepProgressBar: optimizer steps out of max_steps (resumed runs too), not epochs.
 All files are written atomically (a temporary file renamed into place).
 """
 
@@ -14,26 +16,27 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 
+from streamgpt.cache import cache_dir
 from streamgpt.perf import STARTUP
+from streamgpt.signals import SIGNALS, Stopped, StopSignals, requeue
 
 log = logging.getLogger("streamgpt")
 
 
-def _wandb(trainer: L.Trainer):
-    """The W&B run of the trainer's WandbLogger, if it has one."""
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            return logger.experiment
-    return None
+def _wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
+    """The trainer's W&B loggers: tables and images go through them, at the global step."""
+    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -113,18 +116,8 @@ class SampleGenerations(L.Callback):
         finally:
             model.train(was_training)
         self.rows += rows
-        run = _wandb(trainer)
-        if run is not None:
-            import wandb
-
-            run.log(
-                {
-                    "samples": wandb.Table(
-                        columns=["step", "kind", "prompt", "text"], data=self.rows
-                    )
-                },
-                step=step,
-            )
+        for logger in _wandb_loggers(trainer):
+            logger.log_table("samples", ["step", "kind", "prompt", "text"], self.rows, step=step)
         return rows
 
     def state_dict(self) -> dict[str, Any]:
@@ -195,11 +188,8 @@ class LossCurve(L.Callback):
         fig.savefig(tmp)
         plt.close(fig)
         os.replace(tmp, self.path)
-        run = _wandb(trainer) if trainer is not None else None
-        if run is not None:
-            import wandb
-
-            run.log({"training_curve_LOSS": wandb.Image(str(self.path))}, step=trainer.global_step)
+        for logger in _wandb_loggers(trainer) if trainer is not None else []:
+            logger.log_image("training_curve_LOSS", [str(self.path)], step=trainer.global_step)
         return self.path
 
     def state_dict(self) -> dict[str, Any]:
@@ -269,12 +259,16 @@ class ThroughputMonitor(L.Callback):
     the data wait from the end of everything after the previous step (the module stamps
     `hooks_done` once all callbacks and validation are through) to the next batch arriving.
     Throughput is tokens / (wait + compute): what the run really gets, minus our own reporting.
+    MFU is measured against `peak_flops` (perf.device_peak says where that figure comes from); a
+    step that beats it means the peak is wrong, so a value above 1 is never logged as MFU.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, peak_flops: float | None = None) -> None:
+        self.peak_flops = peak_flops
         self._start: float | None = None
         self._wait: float | None = None
         self._end: float | None = None
+        self._warned_mfu = False
         self.total_wait_s = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -296,13 +290,81 @@ class ThroughputMonitor(L.Callback):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch["x"]
         rate = x.numel() * trainer.world_size / (compute + self._wait)
         pl_module.log("perf/tokens_per_s", rate)
-        peak = getattr(pl_module, "peak_flops", None)
-        if peak and hasattr(pl_module, "gpt"):
+        if self.peak_flops and hasattr(pl_module, "gpt"):
             flops = pl_module.gpt.flops_per_token(x.size(1)) * rate / trainer.world_size
-            pl_module.log("perf/mfu", flops / peak)
+            mfu = flops / self.peak_flops
+            if mfu <= 1:
+                pl_module.log("perf/mfu", mfu)
+            elif not self._warned_mfu:
+                self._warned_mfu = True
+                log.warning(
+                    "a step ran at %.1f GFLOP/s, above the peak of %.1f GFLOP/s that perf/mfu is "
+                    "measured against; such steps are not logged as MFU. Set peak_flops=<FLOP/s "
+                    "per device>, or delete the cached probe (%s) to measure again",
+                    flops / 1e9,
+                    self.peak_flops / 1e9,
+                    cache_dir() / "peak_flops.json",
+                )
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._end = None  # validation is not waiting for training data
+
+
+class GracefulStop(L.Callback):
+    """Stops training between steps when a stop signal came, with a checkpoint of that step.
+
+    Put it before the callbacks that work at the end of training (samples, the loss curve): a
+    stopped run does not spend its grace period on them.
+    """
+
+    def __init__(self, checkpoint_dir: str | Path, signals: StopSignals = SIGNALS) -> None:
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.signals = signals
+        self.stopping: int | None = None
+        self._requeue: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        env = trainer._accelerator_connector.cluster_environment  # what Lightning's handler reads
+        if isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal:
+            self._requeue = int(env.requeue_signal)
+        # Lightning has just set its own SIGTERM (and requeue) handlers: ours take over.
+        self.signals.install(*([self._requeue] if self._requeue else []))
+        launcher = trainer.strategy.launcher
+        self.signals.forward = launcher if getattr(launcher, "procs", None) else None
+        self.signals.graceful = True
+
+    def _check(self, trainer: L.Trainer) -> None:
+        self.signals.step = trainer.global_step
+        asked = self.signals.received is not None
+        if trainer.world_size > 1:  # a signal may reach the ranks at different steps
+            asked = trainer.strategy.reduce_boolean_decision(asked, all=False)
+        if asked and self.stopping is None:
+            self.stopping = self.signals.received or signal.SIGTERM
+            trainer.should_stop = True
+
+    def on_train_batch_end(self, trainer, pl_module, *args: Any) -> None:
+        self._check(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._check(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.signals.graceful = False
+        if self.stopping is None:
+            return
+        path = self.checkpoint_dir / "last.ckpt"
+        trainer.save_checkpoint(path)
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if self.stopping != signal.SIGINT and hasattr(experiment, "mark_preempting"):
+                experiment.mark_preempting()  # W&B shows it as preempted, not crashed
+        if self.stopping == self._requeue and trainer.is_global_zero:
+            requeue()
+        raise Stopped(self.stopping, step=trainer.global_step, checkpoint=path)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.signals.graceful = False
 
 
 class StreamEndSync(L.Callback):
@@ -368,3 +430,26 @@ class StartupReport(L.Callback):
             "background_ready_s": background,
         }
         _write_atomic(self.path, json.dumps({"startup": startup}, indent=2).encode())
+
+
+class StepProgressBar(RichProgressBar):
+    """Optimizer steps out of `max_steps`, counting on from the checkpoint's step after a resume.
+
+    Lightning's bar counts batches of epochs; a stream has one endless epoch ("Epoch 0/-2") and a
+    resumed run would restart the count."""
+
+    @property
+    def total_train_batches(self) -> int:
+        return self.trainer.max_steps
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{'train':{len(self.validation_description)}}"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # The bar shows `batch_idx + 1` done: make that the global step.
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, trainer.global_step - 1)
+
+    def get_metrics(self, trainer, pl_module) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version (a W&B run id) is not a metric
+        return metrics

@@ -12,15 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
+from streamgpt import command_line
+from streamgpt.command_line import register_help
 from streamgpt.data.config import StreamConfig, TokenizerConfig
 from streamgpt.model import GPTConfig
 from streamgpt.optim import OptimizerConfig
 from streamgpt.perf import PRECISIONS
-from streamgpt.server.config import ServeConfig, require
+from streamgpt.server.config import SOURCE_SCHEMAS, ServeConfig, require
 from streamgpt.server.config import register_configs as register_server_configs
 from streamgpt.server.config import validate as validate_server
+from streamgpt.sweeps import sweep_seed
 
 
 @dataclass
@@ -81,6 +84,8 @@ class LoggerConfig:
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
     mode: str = "auto"  # auto: online when WANDB_API_KEY is set, else offline
+    # Checkpoints as W&B artifacts: false, true (the best and last at the end), all (every one).
+    log_model: Any = False
 
 
 @dataclass
@@ -109,9 +114,25 @@ class TrainConfig:
     optimized_metric: str = "val/loss"  # what train.py returns (hyperparameter search)
 
 
-def register_configs() -> None:
+def register_configs(conf_dir: Path) -> None:
+    """The schemas, `--help` and the resolvers of the train config (conf_dir: the conf/ folder)."""
     register_server_configs()
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    register_help(conf_dir, "train", TRAIN_USAGE, "model.d_model=256 optimizer.lr=3e-4")
+    root = str(Path(conf_dir).resolve().parent)
+    OmegaConf.register_new_resolver("streamgpt.root", lambda: root, replace=True)
+    OmegaConf.register_new_resolver("streamgpt.sweep_seed", sweep_seed, replace=True)
+
+
+TRAIN_USAGE = """python train.py [group=option ...] [key=value ...]: train a GPT on a text stream.
+  -m: one job per value (optimizer.lr=1e-3,3e-4); hparams_search=optuna: an Optuna search.
+  Exit codes: 0 finished; 2 a config, setup or data error (one line says which); 130 / 143
+  stopped by SIGINT / SIGTERM after saving a checkpoint (resume=auto continues it); 1 other."""
+
+
+def check_command_line(conf_dir: Path, argv: list[str]) -> None:
+    """A misspelt key or group option on train.py's command line: one line, exit 2."""
+    command_line.check_command_line(conf_dir, "train", TrainConfig, SOURCE_SCHEMAS, argv)
 
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
@@ -227,6 +248,8 @@ def validate(cfg: Any) -> None:
     kind, mode = cfg.logger.kind, cfg.logger.mode
     require(kind in ("wandb", "csv", "none"), "logger.kind", "wandb, csv or none", kind)
     require(mode in ("auto", "online", "offline"), "logger.mode", "auto, online or offline", mode)
+    log_model = cfg.logger.log_model
+    require(log_model in (True, False, "all"), "logger.log_model", "true, false or all", log_model)
     require(tok.name in ("bpe", "pretrained"), "tokenizer.name", "bpe or pretrained", tok.name)
     if tok.name == "pretrained":
         if not tok.path:

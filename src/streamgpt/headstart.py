@@ -8,21 +8,27 @@ StreamDataModule.prepare_data then finds them. Nothing here imports Lightning.
 
 With several processes per node (DDP), the node's local rank 0 starts the embedded server and
 writes its URL to <run>/server/url-<host>; the node's other ranks read it there.
+
+The embedded server is supervised: if it dies, it is started again on the same port and the
+consumers continue from their cursors. If it cannot be started again, the run ends with an error
+that says why (raised in the main thread, wherever training is).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from streamgpt.data.client import Connection
+from streamgpt.data.client import Connection, StreamError
 from streamgpt.data.prepare import StreamSetup
 from streamgpt.perf import STARTUP
 from streamgpt.server.process import ServerProcess
@@ -71,6 +77,10 @@ def wait_for_url(path: Path, timeout: float = 600.0) -> str:
     )
 
 
+# Sent to the main thread when the embedded server cannot be restarted (interrupts a data wait).
+SERVER_LOST = signal.SIGUSR2
+
+
 class HeadStart:
     """The run's stream servers, and (fresh runs, rank 0) its tokenizer and validation samples,
     got ready in the background. A context manager: on exit the embedded server is stopped.
@@ -87,6 +97,8 @@ class HeadStart:
         self._error: BaseException | None = None
         self._have_urls = threading.Event()
         self._thread = threading.Thread(target=self._run, name="head-start", daemon=True)
+        self._lost: StreamError | None = None  # the embedded server died for good
+        self._previous_handler: Any = None
 
     @property
     def fresh(self) -> bool:
@@ -100,6 +112,8 @@ class HeadStart:
         self._start = time.monotonic()
         if not self.cfg.data.stream.url and local_rank() == 0:
             self.url_file.unlink(missing_ok=True)
+            if threading.current_thread() is threading.main_thread():
+                self._previous_handler = signal.signal(SERVER_LOST, self._raise_lost)
             self.server = launch_embedded_server(self.cfg, self.run_dir)
         self._thread.start()
         return self
@@ -109,7 +123,25 @@ class HeadStart:
             code = self.server.stop()
             self.url_file.unlink(missing_ok=True)
             log.info("embedded stream server stopped (exit code %s)", code)
+        if self._previous_handler is not None:
+            signal.signal(SERVER_LOST, self._previous_handler)
         self._thread.join(5)  # with the server gone, a thread still reading fails fast
+
+    def _server_lost(self, why: str) -> None:
+        """The supervisor gave up: end the run from its main thread, with the reason."""
+        self._lost = StreamError(
+            f"the embedded stream server died and could not be started again: {why}. Its log: "
+            f"{self.run_dir / 'server' / 'serve.log'}; the run can continue from its last "
+            "checkpoint with resume=auto"
+        )
+        if self._previous_handler is not None:
+            signal.pthread_kill(threading.main_thread().ident, SERVER_LOST)
+        else:  # no handler to end the run: the consumers' retry budget will
+            log.error("%s", self._lost)
+
+    def _raise_lost(self, signum: int, frame: FrameType | None) -> None:
+        if self._lost is not None:
+            raise self._lost
 
     def _run(self) -> None:
         try:
@@ -132,6 +164,7 @@ class HeadStart:
         if self.server is None:  # another rank of this node starts it
             return [wait_for_url(self.url_file)]
         self.server.wait_ready()
+        self.server.supervise(self._server_lost)
         self.url_file.write_text(self.server.url)
         log.info(
             "embedded stream server (%s) at %s, ready in %.1f s; its log: %s",

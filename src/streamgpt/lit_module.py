@@ -1,9 +1,10 @@
 """LitGPT: BabyGPT trained by Lightning, with the metrics a researcher reads.
 
-Logs train/loss, val/loss, val/ppl, lr and tokens_seen; callbacks.ThroughputMonitor adds
-perf/tokens_per_s and perf/mfu (against `peak_flops`: from the config, or measured at start). With
-`compile=True` the forward pass is `torch.compile`d, but the compiled wrapper is kept out of the
-module tree: checkpoints hold plain `model.*` keys and generation runs the uncompiled module.
+Logs train/loss, val/loss, val/ppl, lr and tokens_seen, all at the trainer's global step (the
+`step` it logs beside them is the step Lightning hands its loggers); callbacks.ThroughputMonitor
+adds perf/tokens_per_s and perf/mfu. With `compile=True` the forward pass is `torch.compile`d, but
+the compiled wrapper is kept out of the module tree: checkpoints hold plain `model.*` keys and
+generation runs the uncompiled module.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from streamgpt.model import GPT, GPTConfig
 from streamgpt.optim import OptimizerConfig, build_optimizer, build_schedule
-from streamgpt.perf import STARTUP, compute_dtype, matmul_flops
+from streamgpt.perf import STARTUP
 
 log = logging.getLogger("streamgpt")
 
@@ -35,14 +36,12 @@ class LitGPT(L.LightningModule):
         model: dict[str, Any],
         optimizer: dict[str, Any],
         compile: bool = False,
-        peak_flops: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.optim_cfg = OptimizerConfig(**optimizer)
         self.model: GPT | None = None
         self.tokens_seen = 0
-        self.peak_flops = peak_flops
         self.hooks_done: float | None = None
         self._val_sum = self._val_count = 0.0
         if model.get("vocab_size"):
@@ -92,6 +91,7 @@ class LitGPT(L.LightningModule):
         self.tokens_seen += x.numel() * self.trainer.world_size
         self.log("tokens_seen", float(self.tokens_seen))
         self.log("lr", self.optimizers().param_groups[0]["lr"])
+        self.log("step", float(self.global_step))  # optimizer steps done: every logger's step
         # Module hooks run after every callback's: from here on the step's own work is done
         # (perf/data_wait_s and perf/tokens_per_s count from this moment; ThroughputMonitor).
         self.hooks_done = time.perf_counter()
@@ -121,6 +121,7 @@ class LitGPT(L.LightningModule):
         # Perplexity of the mean loss (not the mean of per-batch perplexities).
         self.log("val/loss", loss, sync_dist=False)
         self.log("val/ppl", math.exp(min(loss, 50.0)), sync_dist=False)
+        self.log("step", float(self.global_step), sync_dist=False)
 
     # -- optimizer ---------------------------------------------------------------------------
 
@@ -144,31 +145,12 @@ class LitGPT(L.LightningModule):
 
     # -- the rest ----------------------------------------------------------------------------
 
-    def on_fit_start(self) -> None:
-        for logger in self.loggers:
-            logger.log_hyperparams(
-                {
-                    "model/params": self.gpt.num_params(),
-                    "model/flops_per_token": self.gpt.flops_per_token(),
-                }
-            )
-        if self.peak_flops is None:
-            dtype = compute_dtype(str(self.trainer.precision))
-            self.peak_flops = matmul_flops(self.device, dtype, seconds=0.3)  # start-up time
-            log.info(
-                "measured matmul peak: %.1f GFLOP/s (%s) for perf/mfu", self.peak_flops / 1e9, dtype
-            )
-            STARTUP.mark("matmul peak (for perf/mfu)")
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "tok_cfg"):
             # What scripts/generate.py needs besides the run's tokenizer.json.
             checkpoint["tokenizer"] = {"eos_token": datamodule.tok_cfg.eos_token}
-        for logger in self.loggers:
-            if type(logger).__name__ == "WandbLogger":  # a resume continues the same W&B run
-                checkpoint["wandb_run_id"] = logger.version
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)

@@ -113,6 +113,13 @@ class ServeConfig:
     compression: bool = False
 
 
+SOURCE_SCHEMAS = {
+    "shakespeare": ShakespeareSourceConfig,
+    "files": FilesSourceConfig,
+    "fineweb": FineWebSourceConfig,
+}
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="serve_schema", node=ServeConfig)

