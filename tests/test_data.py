@@ -390,7 +390,7 @@ def test_a_process_exits_cleanly_while_its_consumer_thread_is_busy(
     shutil.copy(shared_tokenizer, tmp_path / "tokenizer.json")
     script = tmp_path / "exit_while_busy.py"
     script.write_text(EXIT_WHILE_BUSY)
-    for _ in range(5):
+    for _ in range(3):
         done = subprocess.run(
             [sys.executable, str(script), stream_server.url, str(tmp_path)],
             capture_output=True,

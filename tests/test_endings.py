@@ -202,19 +202,20 @@ def test_a_server_that_cannot_start_again_ends_the_run_at_once_saying_why(tmp_pa
 
 @pytest.mark.slow
 def test_twenty_short_runs_back_to_back_all_exit_0(tmp_path):
-    """Two lanes of ten (this machine has two cores), W&B on, both precisions the CPU runs."""
-    lanes = [[tmp_path / f"{lane}-{n}" for n in range(10)] for lane in ("32-true", "bf16-mixed")]
-    common = ["trainer.max_steps=4", "trainer.val_every=2", "callbacks.sample_every=2"]
-    common += ["callbacks.checkpoint_every=2", "logger=wandb", "logger.mode=offline"]
+    """Two lanes of ten (two cores): fp32 with W&B, and bf16-mixed (the report's abort) with CSV.
+    Each run validates, samples and checkpoints, then exits through every teardown."""
+    lanes = {
+        "32-true": ["precision=32-true", "logger=wandb", "logger.mode=offline"],
+        "bf16-mixed": ["precision=bf16-mixed"],
+    }
+    common = ["trainer.max_steps=2", "trainer.val_every=2", "callbacks.sample_every=2"]
+    common += ["callbacks.checkpoint_every=2"]
     codes: dict[str, int] = {}
     for n in range(10):
-        procs = [
-            start(lane[n], *common, f"precision={lane[n].name.rsplit('-', 1)[0]}") for lane in lanes
-        ]
-        for run, proc in zip((lane[n] for lane in lanes), procs, strict=True):
+        runs = {tmp_path / f"{lane}-{n}": options for lane, options in lanes.items()}
+        procs = {run: start(run, *common, *options) for run, options in runs.items()}
+        for run, proc in procs.items():
             codes[run.name] = proc.wait(600)
             assert "terminate called" not in output(run), output(run)[-2000:]
-    assert set(codes.values()) == {0}, codes
-    assert all(
-        (lane[n] / "checkpoints" / "last.ckpt").is_file() for lane in lanes for n in range(10)
-    )
+            assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert list(codes.values()) == [0] * 20, codes

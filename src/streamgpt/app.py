@@ -116,6 +116,8 @@ def quiet_lightning() -> None:
     """Lightning's lines once, in the run's log format, and without its product tips."""
     # Lightning calls a deprecated torch API on every batch; the warning is not ours to fix.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # LitGPT reduces val/loss across ranks itself (and the step is the same everywhere).
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val/|step)")
     logger = logging.getLogger("lightning")
     for handler in list(logger.handlers):  # its own console handler: Hydra's root one prints too
         logger.removeHandler(handler)

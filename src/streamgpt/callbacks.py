@@ -354,7 +354,7 @@ class GracefulStop(L.Callback):
         if self.stopping is None:
             return
         path = self.checkpoint_dir / "last.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the whole state: it is resumed
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if self.stopping != signal.SIGINT and hasattr(experiment, "mark_preempting"):
