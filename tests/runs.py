@@ -33,7 +33,8 @@ SMALL = [
 
 def environment(**extra: str) -> dict[str, str]:
     """The caller's environment with W&B offline (no key), whatever the caller's shell says."""
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    # Nor a token of the caller's shell: a test that wants one says so.
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "STREAMGPT_TOKEN")}
     return {**env, "WANDB_API_KEY": "", **extra}
 
 
@@ -78,20 +79,23 @@ def output(run: Path) -> str:
     return Path(f"{run}.out").read_text()
 
 
-def batches(run: Path) -> dict[int, dict]:
-    """The batch log: per trained batch, its sample ids and a hash of its tokens."""
-    path = run / "batches-rank0.jsonl"
+def batches(run: Path, rank: int = 0) -> dict[int, dict]:
+    """A rank's batch log: per trained batch, its sample ids and a hash of its tokens."""
+    path = run / f"batches-rank{rank}.jsonl"
     if not path.exists():
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return {row["batch"]: row for row in rows}
 
 
-def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, what: str, timeout=300):
+def wait_for(
+    condition: Callable[[], object], proc: subprocess.Popen | None, what: str, timeout=300
+):
     """Until `condition()`; fails if the run ended first or it takes longer than `timeout` s."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert proc.poll() is None, f"the run ended (code {proc.returncode}) before {what}"
+        if proc is not None:
+            assert proc.poll() is None, f"the run ended (code {proc.returncode}) before {what}"
         assert time.monotonic() < deadline, f"no {what} within {timeout} s"
         time.sleep(0.05)
 

@@ -19,7 +19,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from streamgpt.config import register_configs, validate
 
-from .runs import processes_using
+from .runs import processes_using, start, wait_for
 from .wandb_log import config_updates, history, run_info
 
 REPO = Path(__file__).resolve().parents[1]
@@ -272,20 +272,14 @@ def test_a_killed_run_resumes_with_the_same_wandb_run_step_and_data(tmp_path):
     reference = tmp_path / "reference"
     assert train(reference, *common).returncode == 0
     run = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "train.py", f"hydra.run.dir={run}", *common],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "WANDB_API_KEY": ""},
-    )
-    deadline = time.monotonic() + 300
-    while not list((run / "checkpoints").glob("step=0000008*.ckpt")):
-        assert proc.poll() is None and time.monotonic() < deadline, "no step-8 checkpoint"
-        time.sleep(0.2)
+    proc = start(run, *common, small=False)
+    wait_for(lambda: list((run / "checkpoints").glob("step=0000008*.ckpt")), proc, "step 8")
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    time.sleep(1)
+    assert proc.wait() == -signal.SIGKILL, "killed mid-run, not finished"
+    assert max(read_batches(run)) < 12
+    deadline = time.monotonic() + 30  # the kernel ends the server on its trainer's death
+    while processes_using(run) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert processes_using(run) == [], "the embedded server died with its trainer"
     done = train(run, *common, "resume=auto")
     assert done.returncode == 0, done.stderr[-3000:]

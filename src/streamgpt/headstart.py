@@ -28,7 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from streamgpt.data.client import Connection, StreamError
+from streamgpt.data.client import Connection, StreamError, token_from_env
 from streamgpt.data.prepare import StreamSetup
 from streamgpt.perf import STARTUP
 from streamgpt.server.process import ServerProcess
@@ -59,13 +59,13 @@ def launch_embedded_server(cfg: DictConfig, run_dir: Path) -> ServerProcess:
     ).launch()
 
 
-def wait_for_url(path: Path, timeout: float = 600.0) -> str:
+def wait_for_url(path: Path, token: str | None, timeout: float = 600.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists():
             url = path.read_text().strip()
             try:
-                Connection(url, connect_timeout=2).open().close()
+                Connection(url, token=token, connect_timeout=2).open().close()
                 return url
             except (OSError, TimeoutError, ConnectionError):
                 pass  # a stale file from an earlier run, or the server is still starting
@@ -162,7 +162,7 @@ class HeadStart:
         if url:
             return [url] if isinstance(url, str) else [str(u) for u in url]
         if self.server is None:  # another rank of this node starts it
-            return [wait_for_url(self.url_file)]
+            return [wait_for_url(self.url_file, token_from_env(self.cfg.data.stream.token_env))]
         self.server.wait_ready()
         self.server.supervise(self._server_lost)
         self.url_file.write_text(self.server.url)
