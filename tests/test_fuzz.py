@@ -11,7 +11,7 @@ import json
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 
@@ -150,6 +150,10 @@ def test_fuzzed_requests_get_the_documented_answer_and_never_disturb_others(
         suppress_health_check=list(HealthCheck),
     )
     @given(frame=frames)
+    @example(frame='{"type": "getData", "payload": {"batch_size": 1}}')  # the valid range's ends
+    @example(frame='{"type": "getData", "payload": {"batch_size": 32}}')
+    @example(frame='{"type": "getData", "payload": {"batch_size": 0}}')  # just outside it
+    @example(frame='{"type": "getData", "payload": {"batch_size": 33}}')
     def check(frame):
         client = state["client"] or fresh()
         state["client"] = client
@@ -172,6 +176,9 @@ def test_fuzzed_requests_get_the_documented_answer_and_never_disturb_others(
 
     check()
     assert answered["data"] >= 20 and answered["validationIdsConfirmation"] >= 20, answered
+    every_size = fresh()
+    for n in range(1, 33):  # every valid batch size, beyond those hypothesis drew
+        assert len(ids(every_size.data(n))) == n
     seen.extend(ids(bystander.data(4)))
     assert seen == expected(shakespeare, len(seen)), "the bystander's stream changed"
     status = fresh().ask({"type": "status", "payload": {}})
