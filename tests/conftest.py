@@ -70,30 +70,27 @@ def fineweb_files(tmp_path_factory) -> list[Path]:
     return write_fineweb_parquet(folder, files=3, docs_per_file=120)
 
 
-@pytest.fixture(scope="session")
-def fineweb(fineweb_files):
+def _fineweb_corpus(files: list[Path], **options) -> IndexedCorpus:
     cfg = FineWebSourceConfig(
         path="parquet",
         config_name=None,
-        data_files=[str(p) for p in fineweb_files],
+        data_files=[str(p) for p in files],
         shuffle_window=16,
         validation_fraction=0.1,
+        **options,
     )
     return build_corpus(cfg, Chunking(words=64))
+
+
+@pytest.fixture(scope="session")
+def fineweb(fineweb_files):
+    return _fineweb_corpus(fineweb_files)
 
 
 @pytest.fixture(scope="session")
 def fineweb_row_groups(fineweb_files):
     """The same files dealt to consumers by parquet row group (3 files x 3 row groups)."""
-    cfg = FineWebSourceConfig(
-        path="parquet",
-        config_name=None,
-        data_files=[str(p) for p in fineweb_files],
-        shuffle_window=16,
-        validation_fraction=0.1,
-        shard_by="row_group",
-    )
-    return build_corpus(cfg, Chunking(words=64))
+    return _fineweb_corpus(fineweb_files, shard_by="row_group")
 
 
 @pytest.fixture
