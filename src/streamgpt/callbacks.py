@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 
+from streamgpt.atomic import replacing, write_atomic
 from streamgpt.cache import cache_dir
 from streamgpt.perf import STARTUP
 from streamgpt.signals import SIGNALS, Stopped, StopSignals, requeue
@@ -37,12 +37,6 @@ log = logging.getLogger("streamgpt")
 def _wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
     """The trainer's W&B loggers: tables and images go through them, at the global step."""
     return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class SampleGenerations(L.Callback):
@@ -111,7 +105,7 @@ class SampleGenerations(L.Callback):
                     generator=generator,
                 )
                 text = tokenizer.decode(ids + new)
-                _write_atomic(folder / f"{kind}_{i}.txt", text.encode())
+                write_atomic(folder / f"{kind}_{i}.txt", text.encode())
                 rows.append([step, kind, prompt, text])
         finally:
             model.train(was_training)
@@ -183,11 +177,9 @@ class LossCurve(L.Callback):
             )
             top.set_xlabel("tokens (millions)")
         fig.tight_layout()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp.png")
-        fig.savefig(tmp)
+        with replacing(self.path) as tmp:
+            fig.savefig(tmp, format="png")
         plt.close(fig)
-        os.replace(tmp, self.path)
         for logger in _wandb_loggers(trainer) if trainer is not None else []:
             logger.log_image("training_curve_LOSS", [str(self.path)], step=trainer.global_step)
         return self.path
@@ -429,7 +421,7 @@ class StartupReport(L.Callback):
             "phases_s": phases,
             "background_ready_s": background,
         }
-        _write_atomic(self.path, json.dumps({"startup": startup}, indent=2).encode())
+        write_atomic(self.path, json.dumps({"startup": startup}, indent=2).encode())
 
 
 class StepProgressBar(RichProgressBar):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from streamgpt.atomic import replacing
 
 log = logging.getLogger("streamgpt")
 
@@ -18,13 +19,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     (or a SIGKILL) mid-write leaves the previous file intact, never a truncated one."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with replacing(path, sync=True) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
 def readable(path: Path) -> str | None:

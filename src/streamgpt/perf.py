@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import platform
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from streamgpt.atomic import write_atomic
 from streamgpt.cache import cache_dir
 
 log = logging.getLogger("streamgpt")
@@ -122,10 +122,7 @@ def probed_peak(device: torch.device, dtype: torch.dtype, cache: Path | None = N
         )
         known[key] = entry
         with contextlib.suppress(OSError):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known, indent=2))
-            os.replace(tmp, path)
+            write_atomic(path, json.dumps(known, indent=2))
     return Peak(
         float(entry["flops"]),
         f"matmul probe of {key.split(' | ')[0]} ({dtype}), measured {entry['measured']}, "

@@ -14,7 +14,7 @@ import orjson
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
-PROTOCOL_VERSION = "1.0"
+from streamgpt.wire import PROTOCOL_VERSION
 
 
 class StreamError(RuntimeError):

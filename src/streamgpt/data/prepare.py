@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from streamgpt.atomic import write_atomic
 from streamgpt.data import tokenizer as tokenizers
 from streamgpt.data.client import Connection, ServerRefused, StreamError, no_server, token_from_env
 
@@ -151,11 +152,8 @@ class StreamSetup:
                     len(samples),
                     self.cfg.valid_size,
                 )
-            tmp = self.validation_path.with_suffix(".tmp")
-            tmp.write_bytes(
-                b"".join(orjson.dumps({"id": i, "text": t}) + b"\n" for i, t in samples)
-            )
-            tmp.replace(self.validation_path)
+            lines = [orjson.dumps({"id": i, "text": t}) + b"\n" for i, t in samples]
+            write_atomic(self.validation_path, b"".join(lines))
 
         def setup_texts() -> list[str]:
             consumer = {"rank": 0, "world_size": 1, "seed": self.cfg.seed, "split": "train"}

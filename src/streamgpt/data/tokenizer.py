@@ -8,10 +8,13 @@ token separates documents in packed training windows.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from streamgpt.atomic import replacing
 
 
 def train_bpe(
@@ -54,14 +57,18 @@ def load(path: str | Path, eos: str) -> Tokenizer:
     return tok
 
 
-def build(cfg: Any, run_dir: Path, sample_texts) -> Path:
+def build(cfg: Any, run_dir: Path, sample_texts: Callable[[], list[str]]) -> Path:
     """The run's tokenizer.json: reused if the run folder has one (a resume), else built."""
     target = Path(run_dir) / "tokenizer.json"
     if target.exists():
         load(target, cfg.eos_token)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".json.tmp")
+    with replacing(target) as tmp:  # a crash never leaves a half-written tokenizer.json
+        _make(cfg, tmp, sample_texts)
+    return target
+
+
+def _make(cfg: Any, tmp: Path, sample_texts: Callable[[], list[str]]) -> None:
     if cfg.name == "pretrained":
         if not cfg.path:
             raise ValueError("tokenizer=pretrained needs tokenizer.path=<tokenizer.json>")
@@ -78,5 +85,3 @@ def build(cfg: Any, run_dir: Path, sample_texts) -> Path:
         )
     else:
         raise ValueError(f"tokenizer.name must be 'bpe' or 'pretrained', got {cfg.name!r}")
-    tmp.replace(target)  # atomic: a crash never leaves a half-written tokenizer.json
-    return target

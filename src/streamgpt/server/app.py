@@ -29,6 +29,7 @@ from streamgpt.server import protocol
 from streamgpt.server.corpus import IndexedCorpus, ShardedCorpus
 from streamgpt.server.protocol import ProtocolError
 from streamgpt.server.streams import ConsumerSpec, CursorError, Stream, open_stream
+from streamgpt.wire import EXTENSIONS, PROTOCOL_VERSION
 
 log = logging.getLogger("streamgpt.server")
 
@@ -380,8 +381,8 @@ class StreamServer:
         core = self._core.cursor()
         return {
             "server": f"streamgpt {__version__}",
-            "protocol": protocol.PROTOCOL_VERSION,
-            "extensions": list(protocol.EXTENSIONS),
+            "protocol": PROTOCOL_VERSION,
+            "extensions": list(EXTENSIONS),
             "active_connections": len(self._connections),
             "current_position": core["n"],
             "shared_cursor": core,

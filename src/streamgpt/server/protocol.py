@@ -1,4 +1,4 @@
-"""Protocol 1.0 (`shared/PROTOCOL.md`): parsing what clients send, encoding what the server answers.
+"""Protocol 1.0 (docs/PROTOCOL.md): parsing what clients send, encoding what the server answers.
 
 Every parse error is a `ProtocolError` whose text says what was wrong and what is accepted; the
 server sends it back as an `error` message.
@@ -12,9 +12,8 @@ from typing import Any
 import orjson
 
 from streamgpt.server.streams import SPLITS, ConsumerSpec
+from streamgpt.wire import EXTENSIONS, PROTOCOL_VERSION
 
-PROTOCOL_VERSION = "1.0"
-EXTENSIONS = ("consumer", "cursor", "validation_split")
 REQUEST_TYPES = (
     "handshake",
     "getInfo",
