@@ -1,7 +1,8 @@
 """Train a GPT on a live text stream: `python train.py [model=babygpt] [precision=bf16-mixed] ...`.
 
 Configs: conf/train.yaml and its groups; `python train.py --help` lists them, `--cfg job` prints
-the composed config. The work is in src/streamgpt/app.py.
+the composed config. The run's setup is in src/streamgpt/headstart.py, the training in
+src/streamgpt/run.py.
 Exit codes: 0 finished, 2 a configuration or setup error (one line says which), 130 / 143 stopped
 by SIGINT / SIGTERM after saving a checkpoint (resume=auto continues it), 1 anything else.
 """
@@ -39,7 +40,7 @@ def main(cfg: DictConfig) -> float | None:
         validate(cfg)  # before importing Lightning: a bad value costs seconds, not a long import
         STARTUP.mark("config composed and checked")
         with HeadStart(cfg) as head:  # the stream server and tokenizer, while Lightning imports
-            from streamgpt.app import train
+            from streamgpt.run import train
 
             STARTUP.mark("lightning imports")
             return train(cfg, head)

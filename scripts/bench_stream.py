@@ -1,7 +1,7 @@
 """What the live stream costs a training run: tokens/s fed from the stream vs from memory.
 
 For each experiment (the CPU demo's `babygpt-tiny`, `experiment=streaming_tutorial`), the config is
-composed as `train.py` composes it and trained by the same Trainer, callbacks and LitGPT twice
+composed as `train.py` composes it and trained by the same Trainer, callbacks and GPTModule twice
 over: once from the live stream (embedded server process + StreamDataModule: requests, JSON,
 tokenizer, packing), once from the very same batches already in memory as token tensors. After
 one untimed warm-up fit, arms alternate (stream, memory, memory, stream, ...) so the host's drift
@@ -30,13 +30,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from streamgpt.app import build_trainer
 from streamgpt.config import register_configs, validate
 from streamgpt.data import StreamDataModule
-from streamgpt.headstart import launch_embedded_server
-from streamgpt.lit_module import LitGPT
+from streamgpt.data.stream_setup import StreamSetup
+from streamgpt.flops import device_peak
+from streamgpt.headstart import RunInputs, launch_embedded_server
+from streamgpt.lit_module import GPTModule, pad_vocab
 from streamgpt.malloc import keep_freed_memory
-from streamgpt.perf import device_peak
+from streamgpt.run import build_callbacks, build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 # experiment name -> (overrides, warm-up steps, timed steps)
@@ -84,10 +85,11 @@ class Batches:
 class MemoryData(L.LightningDataModule):
     """The same (x, y) batches, already token tensors in memory (and the same tokenizer)."""
 
-    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]], like: StreamDataModule):
+    finite = False  # an endless stream, as the other arm's (StreamEndSync reads it)
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]):
         super().__init__()
         self.batches = batches
-        self.tokenizer, self.vocab_size, self.eos_id = like.tokenizer, like.vocab_size, like.eos_id
 
     def train_dataloader(self):
         return Batches(self.batches)
@@ -101,13 +103,19 @@ def compose_run(overrides: list[str], run_dir: Path):
     return cfg
 
 
-def fit(cfg, run_dir: Path, datamodule, steps: int, server_pid: int) -> StepClock:
+def fit(cfg, run_dir: Path, datamodule, inputs: RunInputs, steps: int, server_pid: int):
+    """One fit, built as train.py builds it (run.py's callbacks and Trainer)."""
     L.seed_everything(cfg.seed)
+    tokenizer = inputs.setup.tokenizer()
     model_cfg = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "compile"}
-    model = LitGPT(model_cfg, OmegaConf.to_container(cfg.optimizer), compile=cfg.model.compile)
+    model_cfg["vocab_size"] = model_cfg["vocab_size"] or pad_vocab(tokenizer.get_vocab_size())
+    model = GPTModule(model_cfg, OmegaConf.to_container(cfg.optimizer), compile=cfg.model.compile)
     cfg = OmegaConf.merge(cfg, {"trainer": {"max_steps": steps}})
     peak = device_peak("cpu", cfg.trainer.precision, cfg.peak_flops)
-    trainer = build_trainer(cfg, run_dir, [], validation=False, peak=peak)
+    callbacks = build_callbacks(
+        cfg, run_dir, inputs, datamodule, tokenizer, peak, lambda: server_pid
+    )
+    trainer = build_trainer(cfg, run_dir, [], callbacks, validation=False)
     clock = StepClock(server_pid)
     trainer.callbacks.append(clock)
     trainer.fit(model, datamodule=datamodule)
@@ -135,8 +143,11 @@ def bench(name: str, pairs: int) -> dict:
         server = launch_embedded_server(cfg, run_dir).wait_ready()
         try:
             stream = OmegaConf.merge(cfg.data.stream, {"url": [server.url]})
-            prepared = StreamDataModule(stream, cfg.tokenizer, run_dir)
-            prepared.setup()  # trains the run's tokenizer once; every arm loads it
+            setup = StreamSetup(stream, cfg.tokenizer, run_dir)
+            setup.prepare()  # trains the run's tokenizer once; every arm uses it
+            inputs = RunInputs(stream, setup, checkpoint=None)
+            prepared = StreamDataModule(stream, cfg.tokenizer, run_dir, setup=setup)
+            prepared.setup()
             batches = []
             for batch in prepared.train_dataloader():
                 batches.append(prepared.on_before_batch_transfer(batch, 0))
@@ -145,17 +156,18 @@ def bench(name: str, pairs: int) -> dict:
             tokens = batches[0][0].numel()
             # The process's first fit pays one-off costs (allocator, page faults, lazy inits).
             pid = server.proc.pid
-            fit(cfg, run_dir, MemoryData(batches, prepared), warmup + 1, pid)
+            fit(cfg, run_dir, MemoryData(batches), inputs, warmup + 1, pid)
             rows = []
             for pair in range(pairs):
                 arms = {}
                 for arm in ("stream", "memory") if pair % 2 == 0 else ("memory", "stream"):
                     data = (
-                        StreamDataModule(stream, cfg.tokenizer, run_dir)
+                        StreamDataModule(stream, cfg.tokenizer, run_dir, setup=setup)
                         if arm == "stream"
-                        else MemoryData(batches, prepared)
+                        else MemoryData(batches)
                     )
-                    arms[arm] = measure(fit(cfg, run_dir, data, steps, pid), warmup, tokens)
+                    clock = fit(cfg, run_dir, data, inputs, steps, pid)
+                    arms[arm] = measure(clock, warmup, tokens)
                 s, m = arms["stream"], arms["memory"]
                 rows.append({**arms, "ratio": s["tokens_per_s"] / m["tokens_per_s"]})
                 print(

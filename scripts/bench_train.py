@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from streamgpt.flops import matmul_flops
 from streamgpt.malloc import keep_freed_memory
 from streamgpt.model import GPT, GPTConfig
 from streamgpt.optim import OptimizerConfig, build_optimizer
-from streamgpt.perf import matmul_flops
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 VOCAB = 8192

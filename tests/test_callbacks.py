@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from streamgpt.callbacks import LossCurve, SampleGenerations, StepCheckpoint
-from streamgpt.checkpoints import AtomicCheckpointIO
+from streamgpt.checkpoint_io import AtomicCheckpointIO
 from streamgpt.data import StreamDataModule, TokenizerConfig
-from streamgpt.lit_module import LitGPT
+from streamgpt.lit_module import GPTModule, pad_vocab
 
 from .conftest import stream_cfg
 
@@ -28,12 +28,17 @@ def trained(stream_server, tmp_path_factory):
     """A real 12-step fit from the stream with every callback on."""
     run = tmp_path_factory.mktemp("run")
     dm = StreamDataModule(stream_cfg(stream_server.url), TokenizerConfig(vocab_size=512), run)
-    model = LitGPT(
-        {"context": 32, "d_model": 32, "n_layers": 2, "n_heads": 2},
+    dm.prepare_data()
+    dm.setup()
+    model = GPTModule(
+        {"context": 32, "d_model": 32, "n_layers": 2, "n_heads": 2}
+        | {"vocab_size": pad_vocab(dm.vocab_size)},
         {"name": "adamw", "lr": 1e-3, "warmup_steps": 2},
     )
     callbacks = [
-        SampleGenerations(run, every=5, prompts=PROMPTS, n_auto=2, max_new_tokens=20),
+        SampleGenerations(
+            run, dm.tokenizer, dm.eos_id, every=5, prompts=PROMPTS, n_auto=2, max_new_tokens=20
+        ),
         LossCurve(run, every=5),
         StepCheckpoint(run / "checkpoints", every=10, n_saved=1, validation=True),
     ]
@@ -93,7 +98,7 @@ def test_checkpoints_keep_the_best_plus_last_and_load(trained):
     files = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "last.ckpt" in files and any(f.startswith("step=0000010-val_loss=") for f in files)
     assert not any(f.endswith(".tmp") for f in files)
-    loaded = LitGPT.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
+    loaded = GPTModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
     assert loaded.hparams.model["vocab_size"] % 64 == 0
 
 

@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from streamgpt.callbacks import StreamEndSync, ThroughputMonitor
 from streamgpt.data import StreamDataModule, TokenizerConfig
-from streamgpt.lit_module import LitGPT
+from streamgpt.lit_module import GPTModule, pad_vocab
 from streamgpt.server.process import ServerProcess
 
 from .conftest import stream_cfg
@@ -112,8 +112,11 @@ def test_metrics_are_logged_at_the_global_step_and_mfu_never_above_one(
     for peak in (1.0, 1e15):  # a peak far too low: every step would "beat" it
         run = tmp_path / f"peak-{peak:g}"
         dm = StreamDataModule(stream_cfg(stream_server.url), TokenizerConfig(vocab_size=512), run)
-        model = LitGPT(
-            {"context": 32, "d_model": 32, "n_layers": 2, "n_heads": 2},
+        dm.prepare_data()
+        dm.setup()
+        model = GPTModule(
+            {"context": 32, "d_model": 32, "n_layers": 2, "n_heads": 2}
+            | {"vocab_size": pad_vocab(dm.vocab_size)},
             {"name": "adamw", "lr": 1e-3, "warmup_steps": 2},
         )
         trainer = L.Trainer(

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from streamgpt.lit_module import LitGPT, pad_vocab
+from streamgpt.lit_module import GPTModule, pad_vocab
 from streamgpt.model import GPT, GPTConfig, Linear, sample
 from streamgpt.optim import Lion, OptimizerConfig, build_optimizer, lr_factor
 
@@ -192,9 +192,9 @@ def test_bad_optimizer_configs_are_refused():
         OptimizerConfig(betas=[0.9, 1.5])
 
 
-def _lit(compile: bool = False) -> LitGPT:
+def _lit(compile: bool = False) -> GPTModule:
     model = {"vocab_size": pad_vocab(97), "context": 24, "d_model": 32, "n_layers": 2, "n_heads": 4}
-    return LitGPT(model, {"name": "adamw"}, compile=compile)
+    return GPTModule(model, {"name": "adamw"}, compile=compile)
 
 
 def test_a_saved_lit_module_loads_with_identical_logits(tmp_path):
@@ -203,7 +203,7 @@ def test_a_saved_lit_module_loads_with_identical_logits(tmp_path):
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
     trainer.strategy.connect(lit)
     trainer.save_checkpoint(tmp_path / "m.ckpt")
-    loaded = LitGPT.load_from_checkpoint(tmp_path / "m.ckpt")
+    loaded = GPTModule.load_from_checkpoint(tmp_path / "m.ckpt")
     idx = torch.randint(0, 97, (2, 24))
     assert torch.equal(lit.gpt(idx)[0], loaded.gpt(idx)[0])
     assert all(not k.startswith("_") and "_orig_mod" not in k for k in lit.state_dict())

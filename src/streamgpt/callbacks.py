@@ -6,7 +6,7 @@
 - ThroughputMonitor: perf/data_wait_s, perf/tokens_per_s, perf/mfu.
 - StreamEndSync: all ranks stop after the same step when a finite stream runs out.
 - GracefulStop: on SIGINT / SIGTERM / SLURM's requeue signal, a checkpoint of the step, then exit.
-- StartupReport: where the seconds before the first optimizer step went.
+- PerfReport: perf.json: where the seconds before the first optimizer step went; peak memory.
 - StepProgressBar: optimizer steps out of max_steps (resumed runs too), not epochs.
 All files are written atomically (a temporary file renamed into place).
 """
@@ -17,19 +17,24 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
+from tokenizers import Tokenizer
 
 from streamgpt.atomic import replacing, write_atomic
 from streamgpt.cache import cache_dir
-from streamgpt.perf import STARTUP
+from streamgpt.perf import STARTUP, peak_rss_mb
 from streamgpt.signals import SIGNALS, Stopped, StopSignals, requeue
+
+if TYPE_CHECKING:
+    from streamgpt.data import StreamDataModule
 
 log = logging.getLogger("streamgpt")
 
@@ -48,6 +53,8 @@ class SampleGenerations(L.Callback):
     def __init__(
         self,
         run_dir: str | Path,
+        tokenizer: Tokenizer,
+        eos_id: int,
         every: int,
         prompts: list[str],
         n_auto: int = 1,
@@ -58,6 +65,7 @@ class SampleGenerations(L.Callback):
         seed: int = 0,
     ) -> None:
         self.dir = Path(run_dir) / "samples"
+        self.tokenizer, self.eos_id = tokenizer, eos_id
         self.every = every
         self.prompts = list(prompts)
         self.n_auto = n_auto
@@ -81,8 +89,7 @@ class SampleGenerations(L.Callback):
         self._last_step = step = trainer.global_step
         if not trainer.is_global_zero:
             return []
-        datamodule = trainer.datamodule
-        tokenizer, eos = datamodule.tokenizer, datamodule.eos_id
+        tokenizer, eos = self.tokenizer, self.eos_id
         model = pl_module.gpt  # never the compiled wrapper: it would recompile for every length
         was_training = model.training
         model.eval()
@@ -366,27 +373,38 @@ class StreamEndSync(L.Callback):
     amounts of text; a rank whose data ended would leave the others waiting forever in the next
     gradient all-reduce. Each batch says whether it is its consumer's last; as soon as any rank
     trains a last batch, all ranks stop after that step. Endless streams (the default) never pay
-    for the extra all-reduce.
+    for the extra all-reduce. `datamodule`: the run's StreamDataModule.
     """
+
+    def __init__(self, datamodule: StreamDataModule) -> None:
+        self.datamodule = datamodule
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
     ) -> None:
-        datamodule = trainer.datamodule
-        if datamodule is None or not getattr(datamodule, "finite", False):
+        if not self.datamodule.finite:
             return
-        ended = trainer.strategy.reduce_boolean_decision(datamodule.saw_last_batch, all=False)
+        ended = trainer.strategy.reduce_boolean_decision(self.datamodule.saw_last_batch, all=False)
         if ended:
             trainer.should_stop = True
 
 
-class StartupReport(L.Callback):
-    """Marks the start-up phases inside `fit` and, after the second step, logs the whole
-    breakdown from process start (`perf.STARTUP`) and writes it to <run>/perf.json."""
+class PerfReport(L.Callback):
+    """<run>/perf.json, its only writer (rank 0): the start-up breakdown from process start
+    (`perf.STARTUP`, with the phases inside `fit` marked here), logged and written after the
+    second step, and the peak memory of the trainer and the embedded server at the end.
+    `server_pid`: the embedded server's current process id, or None."""
 
-    def __init__(self, run_dir: str | Path, compiled: bool = False) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        compiled: bool = False,
+        server_pid: Callable[[], int | None] = lambda: None,
+    ) -> None:
         self.path = Path(run_dir) / "perf.json"
         self.first_step = "first step (compile included)" if compiled else "first step"
+        self.server_pid = server_pid
+        self.record: dict[str, Any] = {}
         self._steps = 0
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -421,7 +439,18 @@ class StartupReport(L.Callback):
             "phases_s": phases,
             "background_ready_s": background,
         }
-        write_atomic(self.path, json.dumps({"startup": startup}, indent=2).encode())
+        self.record["startup"] = startup
+        write_atomic(self.path, json.dumps(self.record, indent=2))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        memory = {"trainer": peak_rss_mb()}
+        pid = self.server_pid()
+        if pid is not None:
+            memory["server"] = peak_rss_mb(pid)
+        self.record["peak_rss_mb"] = memory
+        write_atomic(self.path, json.dumps(self.record, indent=2))
 
 
 class StepProgressBar(RichProgressBar):

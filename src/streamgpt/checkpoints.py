@@ -1,26 +1,15 @@
-"""Checkpoint files: written atomically, found for `resume=auto`, checked before use."""
+"""Checkpoint files: which one a run resumes from, checked before use. Lightning-free, so the run's
+setup (headstart.py) decides it before Lightning is imported; checkpoint_io.py writes them."""
 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-
-from streamgpt.atomic import replacing
 
 log = logging.getLogger("streamgpt")
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file, syncs it, then renames it into place: a crash
-    (or a SIGKILL) mid-write leaves the previous file intact, never a truncated one."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        with replacing(path, sync=True) as tmp:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
 def readable(path: Path) -> str | None:
@@ -47,3 +36,34 @@ def newest_intact(folder: Path) -> Path | None:
             return path
         log.warning("skipping checkpoint: %s", problem)
     return None
+
+
+def find_checkpoint(ckpt_path: str | None, resume: str | None, run_dir: Path) -> str | None:
+    """The checkpoint this run continues from: `ckpt_path`, or with resume=auto the newest intact
+    one of the run folder; None for a fresh start."""
+    if ckpt_path:
+        problem = readable(Path(ckpt_path))
+        if problem:
+            raise ValueError(f"ckpt_path={ckpt_path} cannot be resumed from: {problem}")
+        return str(ckpt_path)
+    if resume == "auto":
+        path = newest_intact(run_dir / "checkpoints")
+        if path is None:
+            log.info(
+                "resume=auto: no checkpoint in %s yet, starting fresh", run_dir / "checkpoints"
+            )
+            return None
+        log.info("resume=auto: continuing from %s", path)
+        return str(path)
+    return None
+
+
+def adopt_run_files(checkpoint: str, run_dir: Path) -> None:
+    """Resuming another run's checkpoint here: take its tokenizer and validation set too."""
+    source = Path(checkpoint).resolve().parent.parent
+    if source == run_dir.resolve():
+        return
+    for name in ("tokenizer.json", "validation.jsonl"):
+        if (source / name).exists() and not (run_dir / name).exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source / name, run_dir / name)

@@ -1,16 +1,18 @@
 """Typed schemas of the training config (`conf/train.yaml` and its groups), in Hydra's ConfigStore.
 
 A misspelt key or a value of the wrong type fails when the config is composed, naming the key.
-Checks that need several keys at once (a context longer than the position table, resume=auto
-with a ckpt_path, ...) are in `validate`, run before any work starts.
+Every value is checked once, here, before any work starts (`validate`: one function per group,
+one line per refusal naming the key and what it accepts); the code behind trusts the config.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
@@ -19,11 +21,12 @@ from streamgpt.command_line import register_help
 from streamgpt.data.config import StreamConfig, TokenizerConfig
 from streamgpt.model import GPTConfig
 from streamgpt.optim import OptimizerConfig
-from streamgpt.perf import PRECISIONS
 from streamgpt.server.config import SOURCE_SCHEMAS, ServeConfig, require
 from streamgpt.server.config import register_configs as register_server_configs
 from streamgpt.server.config import validate as validate_server
 from streamgpt.sweeps import sweep_seed
+
+log = logging.getLogger("streamgpt")
 
 
 @dataclass
@@ -136,6 +139,48 @@ def check_command_line(conf_dir: Path, argv: list[str]) -> None:
 
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+
+
+def validate(cfg: Any) -> None:
+    """Refuse contradictory or impossible settings before anything starts, one line each."""
+    _model(cfg)
+    _stream(cfg.data.stream)
+    _trainer(cfg.trainer)
+    _callbacks(cfg.callbacks, cfg)
+    _resume(cfg)
+    _logger(cfg.logger)
+    _tokenizer(cfg.tokenizer, cfg.data.stream)
+    require(
+        cfg.peak_flops is None or cfg.peak_flops > 0,
+        "peak_flops",
+        "positive or null",
+        cfg.peak_flops,
+    )
+    if cfg.data.stream.url is None:
+        validate_server(cfg.server, prefix="server.")
+
+
+def _positive(values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        require(value > 0, key, "positive", value)
+
+
+def _at_least_zero(values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        require(value >= 0, key, ">= 0 (0 turns it off)", value)
+
+
+def _model(cfg: Any) -> None:
+    model = {k: v for k, v in cfg.model.items() if k != "compile"}
+    GPTConfig(**{**model, "vocab_size": model["vocab_size"] or 64})  # heads, choices, ranges
+    OptimizerConfig(**cfg.optimizer)
+    if cfg.data.stream.max_length > cfg.model.context:
+        raise ValueError(
+            f"data.stream.max_length={cfg.data.stream.max_length} exceeds "
+            f"model.context={cfg.model.context} (the position table); lower it or raise "
+            "model.context"
+        )
 
 
 def _url_ok(url: Any) -> bool:
@@ -145,60 +190,24 @@ def _url_ok(url: Any) -> bool:
     )
 
 
-def validate(cfg: Any) -> None:
-    """Refuse contradictory or impossible settings before anything starts, one line each."""
-    model = {k: v for k, v in cfg.model.items() if k != "compile"}
-    GPTConfig(**{**model, "vocab_size": model["vocab_size"] or 64})  # heads, choices, ranges
-    OptimizerConfig(**cfg.optimizer)
-    require(
-        cfg.trainer.precision in PRECISIONS,
-        "trainer.precision",
-        f"one of {list(PRECISIONS)}",
-        cfg.trainer.precision,
+def _stream(stream: Any) -> None:
+    keys = ("batch_size", "max_length", "prefetch_batches", "samples_per_request")
+    keys += ("requests_in_flight", "connect_timeout_s", "recv_timeout_s")
+    _positive({f"data.stream.{k}": stream[k] for k in keys})
+    _positive({"data.stream.retry.backoff_s": stream.retry.backoff_s})
+    _at_least_zero(
+        {
+            "data.stream.valid_size": stream.valid_size,
+            "data.stream.num_workers": stream.num_workers,
+            "data.stream.retry.budget_s": stream.retry.budget_s,
+        }
     )
-    stream, tok, trainer, calls = cfg.data.stream, cfg.tokenizer, cfg.trainer, cfg.callbacks
-    if stream.max_length > cfg.model.context:
-        raise ValueError(
-            f"data.stream.max_length={stream.max_length} exceeds model.context={cfg.model.context} "
-            "(the position table); lower it or raise model.context"
-        )
-    positive = {
-        "data.stream.batch_size": stream.batch_size,
-        "data.stream.max_length": stream.max_length,
-        "data.stream.prefetch_batches": stream.prefetch_batches,
-        "data.stream.samples_per_request": stream.samples_per_request,
-        "data.stream.requests_in_flight": stream.requests_in_flight,
-        "data.stream.connect_timeout_s": stream.connect_timeout_s,
-        "data.stream.recv_timeout_s": stream.recv_timeout_s,
-        "data.stream.retry.backoff_s": stream.retry.backoff_s,
-        "trainer.max_steps": trainer.max_steps,
-        "trainer.val_every": trainer.val_every,
-        "trainer.num_nodes": trainer.num_nodes,
-        "trainer.log_every_n_steps": trainer.log_every_n_steps,
-        "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
-        "callbacks.samples.max_new_tokens": calls.samples.max_new_tokens,
-        "callbacks.samples.temperature": calls.samples.temperature,
-        "tokenizer.min_frequency": tok.min_frequency,
-    }
-    for key, value in positive.items():
-        require(value > 0, key, "positive", value)
-    at_least_zero = {
-        "data.stream.valid_size": stream.valid_size,
-        "data.stream.num_workers": stream.num_workers,
-        "data.stream.retry.budget_s": stream.retry.budget_s,
-        "callbacks.sample_every": calls.sample_every,
-        "callbacks.checkpoint_every": calls.checkpoint_every,
-        "callbacks.n_saved": calls.n_saved,
-        "callbacks.samples.n_auto": calls.samples.n_auto,
-    }
-    for key, value in at_least_zero.items():
-        require(value >= 0, key, ">= 0 (0 turns it off)", value)
-    backoff = stream.retry
+    retry = stream.retry
     require(
-        backoff.max_backoff_s >= backoff.backoff_s,
+        retry.max_backoff_s >= retry.backoff_s,
         "data.stream.retry.max_backoff_s",
-        f">= data.stream.retry.backoff_s={backoff.backoff_s}",
-        backoff.max_backoff_s,
+        f">= data.stream.retry.backoff_s={retry.backoff_s}",
+        retry.max_backoff_s,
     )
     if stream.url is not None:
         require(
@@ -207,14 +216,17 @@ def validate(cfg: Any) -> None:
             "a ws:// or wss:// URL, a list of them, or null (the embedded server)",
             stream.url,
         )
-    top_k, top_p = calls.samples.top_k, calls.samples.top_p
-    require(top_k is None or top_k >= 1, "callbacks.samples.top_k", ">= 1 or null", top_k)
-    require(top_p is None or 0 < top_p <= 1, "callbacks.samples.top_p", "in (0, 1] or null", top_p)
+
+
+def _trainer(trainer: Any) -> None:
+    keys = ("max_steps", "val_every", "num_nodes", "log_every_n_steps", "accumulate_grad_batches")
+    _positive({f"trainer.{k}": trainer[k] for k in keys})
+    accelerator = trainer.accelerator
     require(
-        trainer.accelerator in ACCELERATORS,
+        accelerator in ACCELERATORS,
         "trainer.accelerator",
         f"one of {list(ACCELERATORS)}",
-        trainer.accelerator,
+        accelerator,
     )
     determinism = trainer.deterministic
     require(
@@ -231,6 +243,57 @@ def validate(cfg: Any) -> None:
         "a fraction in [0, 1] or a whole number of batches",
         limit,
     )
+    _precision(trainer.precision, accelerator)
+
+
+def _precision(precision: str, accelerator: str) -> None:
+    """A precision Lightning knows and this hardware runs; a slow choice is warned about."""
+    require(precision in PRECISIONS, "trainer.precision", f"one of {list(PRECISIONS)}", precision)
+    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if cuda:
+        if precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
+            raise ValueError(
+                f"precision={precision}: this GPU has no bfloat16 (compute capability < 8.0); "
+                "use precision=16-mixed (or 32-true)"
+            )
+        return
+    if precision.startswith("16"):
+        raise ValueError(
+            f"precision={precision} needs a GPU (float16 autocast on a CPU is not supported by "
+            "Lightning); on a CPU use precision=32-true, or bf16-mixed"
+        )
+    if precision.startswith("bf16") and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning(
+            "precision=%s on a CPU without native bfloat16 (no AVX512-BF16 or AMX): it runs, "
+            "but matrix products are several times slower than float32 here "
+            "(scripts/bench_train.py measures it); precision=32-true is faster on this machine",
+            precision,
+        )
+
+
+def _callbacks(calls: Any, cfg: Any) -> None:
+    samples = calls.samples
+    _positive(
+        {
+            "callbacks.samples.max_new_tokens": samples.max_new_tokens,
+            "callbacks.samples.temperature": samples.temperature,
+        }
+    )
+    keys = ("sample_every", "checkpoint_every", "n_saved")
+    _at_least_zero({f"callbacks.{k}": calls[k] for k in keys})
+    _at_least_zero({"callbacks.samples.n_auto": samples.n_auto})
+    top_k, top_p = samples.top_k, samples.top_p
+    require(top_k is None or top_k >= 1, "callbacks.samples.top_k", ">= 1 or null", top_k)
+    require(top_p is None or 0 < top_p <= 1, "callbacks.samples.top_p", "in (0, 1] or null", top_p)
+    every, val = calls.checkpoint_every, cfg.trainer.val_every
+    if cfg.data.stream.valid_size > 0 and every > 0 and every % val:
+        raise ValueError(
+            f"callbacks.checkpoint_every={every} must be a multiple of trainer.val_every={val}: "
+            "checkpoints are ranked by the val/loss of their own step"
+        )
+
+
+def _resume(cfg: Any) -> None:
     require(cfg.resume in (None, "auto"), "resume", "'auto' or null", cfg.resume)
     if cfg.resume == "auto" and cfg.ckpt_path:
         raise ValueError(
@@ -239,41 +302,33 @@ def validate(cfg: Any) -> None:
         )
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
         raise ValueError(f"ckpt_path={cfg.ckpt_path}: no such file")
-    every, val = calls.checkpoint_every, trainer.val_every
-    if stream.valid_size > 0 and every > 0 and every % val:
-        raise ValueError(
-            f"callbacks.checkpoint_every={every} must be a multiple of trainer.val_every={val}: "
-            "checkpoints are ranked by the val/loss of their own step"
-        )
-    kind, mode = cfg.logger.kind, cfg.logger.mode
+
+
+def _logger(logger: Any) -> None:
+    kind, mode, log_model = logger.kind, logger.mode, logger.log_model
     require(kind in ("wandb", "csv", "none"), "logger.kind", "wandb, csv or none", kind)
     require(mode in ("auto", "online", "offline"), "logger.mode", "auto, online or offline", mode)
-    log_model = cfg.logger.log_model
     require(log_model in (True, False, "all"), "logger.log_model", "true, false or all", log_model)
+
+
+def _tokenizer(tok: Any, stream: Any) -> None:
     require(tok.name in ("bpe", "pretrained"), "tokenizer.name", "bpe or pretrained", tok.name)
     if tok.name == "pretrained":
         if not tok.path:
             raise ValueError("tokenizer=pretrained needs tokenizer.path=<tokenizer.json>")
         if not Path(tok.path).is_file():
             raise ValueError(f"tokenizer.path={tok.path}: no such file")
-    else:
-        require(
-            tok.vocab_size >= 258,
-            "tokenizer.vocab_size",
-            ">= 258 (256 bytes + 2 special tokens)",
-            tok.vocab_size,
-        )
-        require(
-            stream.streaming_setup_samples >= 1,
-            "data.stream.streaming_setup_samples",
-            "positive (the BPE tokenizer is trained on them)",
-            stream.streaming_setup_samples,
-        )
+        return
+    _positive({"tokenizer.min_frequency": tok.min_frequency})
     require(
-        cfg.peak_flops is None or cfg.peak_flops > 0,
-        "peak_flops",
-        "positive or null",
-        cfg.peak_flops,
+        tok.vocab_size >= 258,
+        "tokenizer.vocab_size",
+        ">= 258 (256 bytes + 2 special tokens)",
+        tok.vocab_size,
     )
-    if stream.url is None:
-        validate_server(cfg.server, prefix="server.")
+    require(
+        stream.streaming_setup_samples >= 1,
+        "data.stream.streaming_setup_samples",
+        "positive (the BPE tokenizer is trained on them)",
+        stream.streaming_setup_samples,
+    )

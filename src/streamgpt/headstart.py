@@ -1,10 +1,13 @@
-"""What a run does while Lightning imports: start the stream server, train the tokenizer.
+"""The run's setup, done once and while Lightning imports: the checkpoint to resume, the stream
+servers, the tokenizer and the validation samples. `HeadStart.inputs()` hands them to the
+training code (run.py), which passes each part to what needs it.
 
 Importing Lightning takes ~5 s of one core (it pulls in torchmetrics, scipy and torch._dynamo),
 time in which the other cores idle. `train.py` opens a HeadStart first: the embedded server starts
-in its own process and, for a fresh run, a background thread reads the validation samples and
-trains the BPE tokenizer (in Rust, outside the GIL) into the run folder, where
-StreamDataModule.prepare_data then finds them. Nothing here imports Lightning.
+in its own process, the checkpoint to resume is chosen, and a background thread checks the
+servers and (global rank 0) reads the validation samples and trains the BPE tokenizer (in Rust,
+outside the GIL) into the run folder, unless it has them; the other ranks wait for those files.
+Nothing here imports Lightning.
 
 With several processes per node (DDP), the node's local rank 0 starts the embedded server and
 writes its URL to <run>/server/url-<host>; the node's other ranks read it there.
@@ -22,14 +25,16 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from streamgpt.checkpoints import adopt_run_files, find_checkpoint
 from streamgpt.data.client import Connection, StreamError, token_from_env
-from streamgpt.data.prepare import StreamSetup
+from streamgpt.data.stream_setup import StreamSetup
 from streamgpt.perf import STARTUP
 from streamgpt.server.process import ServerProcess
 
@@ -59,6 +64,15 @@ def launch_embedded_server(cfg: DictConfig, run_dir: Path) -> ServerProcess:
     ).launch()
 
 
+@dataclass
+class RunInputs:
+    """What the run's setup hands to the training code."""
+
+    stream: DictConfig  # data.stream, with the servers' URLs
+    setup: StreamSetup  # the servers checked; tokenizer.json and validation.jsonl in the run folder
+    checkpoint: str | None  # the checkpoint to resume, None for a fresh start
+
+
 def wait_for_url(path: Path, token: str | None, timeout: float = 600.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -82,10 +96,8 @@ SERVER_LOST = signal.SIGUSR2
 
 
 class HeadStart:
-    """The run's stream servers, and (fresh runs, rank 0) its tokenizer and validation samples,
-    got ready in the background. A context manager: on exit the embedded server is stopped.
-
-    Errors in the background are raised where their result is needed: `urls()`, `wait()`.
+    """The run's inputs, got ready in the background. A context manager: on exit the embedded
+    server is stopped. Errors in the background are raised by `inputs()`.
     """
 
     def __init__(self, cfg: DictConfig, run_dir: str | Path | None = None) -> None:
@@ -93,20 +105,12 @@ class HeadStart:
         self.run_dir = Path(run_dir or cfg.paths.output_dir)
         self.server: ServerProcess | None = None
         self.url_file = self.run_dir / "server" / f"url-{socket.gethostname()}"
-        self._urls: list[str] | None = None
+        self.checkpoint: str | None = None  # chosen on entry
+        self._inputs: RunInputs | None = None
         self._error: BaseException | None = None
-        self._have_urls = threading.Event()
         self._thread = threading.Thread(target=self._run, name="head-start", daemon=True)
         self._lost: StreamError | None = None  # the embedded server died for good
         self._previous_handler: Any = None
-
-    @property
-    def fresh(self) -> bool:
-        """No checkpoint will be resumed, so the tokenizer is this run's own to build."""
-        if self.cfg.ckpt_path:
-            return False
-        checkpoints = self.run_dir / "checkpoints"
-        return not (self.cfg.resume == "auto" and any(checkpoints.glob("*.ckpt")))
 
     def __enter__(self) -> HeadStart:
         self._start = time.monotonic()
@@ -115,6 +119,10 @@ class HeadStart:
             if threading.current_thread() is threading.main_thread():
                 self._previous_handler = signal.signal(SERVER_LOST, self._raise_lost)
             self.server = launch_embedded_server(self.cfg, self.run_dir)
+        # While the server starts: the checkpoint, whose run's tokenizer a resume keeps.
+        self.checkpoint = find_checkpoint(self.cfg.ckpt_path, self.cfg.resume, self.run_dir)
+        if self.checkpoint is not None:
+            adopt_run_files(self.checkpoint, self.run_dir)
         self._thread.start()
         return self
 
@@ -145,17 +153,29 @@ class HeadStart:
 
     def _run(self) -> None:
         try:
-            self._urls = self._find_servers()
+            stream = OmegaConf.merge(self.cfg.data.stream, {"url": self._find_servers()})
             STARTUP.ready("stream server")
-            self._have_urls.set()
-            if self.fresh and global_rank() == 0 and local_rank() == 0:
-                stream = OmegaConf.merge(self.cfg.data.stream, {"url": self._urls})
-                StreamSetup(stream, self.cfg.tokenizer, self.run_dir).prepare()
-                STARTUP.ready("tokenizer and validation samples")
-        except BaseException as e:  # raised again in the main thread, by urls() or wait()
+            setup = StreamSetup(stream, self.cfg.tokenizer, self.run_dir)
+            setup.check_servers()
+            if global_rank() == 0 and local_rank() == 0:
+                setup.prepare()
+            else:
+                self._wait_for_rank_zero(setup)
+            STARTUP.ready("tokenizer and validation samples")
+            self._inputs = RunInputs(stream, setup, self.checkpoint)
+        except BaseException as e:  # raised again in the main thread, by inputs()
             self._error = e
-        finally:
-            self._have_urls.set()
+
+    def _wait_for_rank_zero(self, setup: StreamSetup, timeout: float = 1800.0) -> None:
+        """Global rank 0 writes the tokenizer and validation samples to the shared run folder."""
+        deadline = time.monotonic() + timeout
+        while not setup.prepared:
+            if time.monotonic() > deadline:
+                raise StreamError(
+                    f"rank {global_rank()} waited {timeout:g} s for rank 0's {setup.tokenizer_path}"
+                    "; every rank must share the run folder (set hydra.run.dir to a shared path)"
+                )
+            time.sleep(0.5)
 
     def _find_servers(self) -> list[str]:
         url: Any = self.cfg.data.stream.url
@@ -175,16 +195,15 @@ class HeadStart:
         )
         return [self.server.url]
 
-    def urls(self) -> list[str]:
-        """The servers to read from, once they accept connections."""
-        self._have_urls.wait()
-        if self._urls is None:
-            assert self._error is not None
-            raise self._error
-        return self._urls
-
-    def wait(self) -> None:
-        """Until the background work is done; raises its error, if it had one."""
+    def inputs(self) -> RunInputs:
+        """The run's inputs, once the background work is done; raises its error, if it had one."""
         self._thread.join()
         if self._error is not None:
             raise self._error
+        assert self._inputs is not None
+        return self._inputs
+
+    def server_pid(self) -> int | None:
+        """The embedded server's current process (the supervisor may have replaced it)."""
+        proc = self.server.proc if self.server is not None else None
+        return proc.pid if proc is not None else None

@@ -1,4 +1,5 @@
-"""LitGPT: BabyGPT trained by Lightning, with the metrics a researcher reads.
+"""GPTModule: the GPT of model.py (BabyGPT, GPT-2 small) trained by Lightning, with the metrics
+a researcher reads.
 
 Logs train/loss, val/loss, val/ppl, lr and tokens_seen, all at the trainer's global step (the
 `step` it logs beside them is the step Lightning hands its loggers); callbacks.ThroughputMonitor
@@ -30,12 +31,17 @@ def pad_vocab(n: int, multiple: int = 64) -> int:
     return -(-n // multiple) * multiple
 
 
-class LitGPT(L.LightningModule):
+class GPTModule(L.LightningModule):
+    """`model`: GPTConfig's fields, `vocab_size` included (run.py takes it from the run's
+    tokenizer; a checkpoint knows its own); `eos_token`: the tokenizer's end-of-text token, kept
+    in checkpoints for scripts/generate.py."""
+
     def __init__(
         self,
         model: dict[str, Any],
         optimizer: dict[str, Any],
         compile: bool = False,
+        eos_token: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -60,14 +66,8 @@ class LitGPT(L.LightningModule):
             object.__setattr__(self, "_compiled", self.model)
 
     def configure_model(self) -> None:
-        """The vocabulary comes from the run's tokenizer, known once the datamodule is set up."""
         if self.model is None:
-            datamodule = self.trainer.datamodule
-            if datamodule is None or not hasattr(datamodule, "vocab_size"):
-                raise ValueError(
-                    "model.vocab_size is unset and there is no tokenizer to take it from"
-                )
-            self._build({**self.hparams.model, "vocab_size": pad_vocab(datamodule.vocab_size)})
+            raise ValueError("GPTModule needs model.vocab_size (the run's tokenizer's, padded)")
         STARTUP.mark("model build")
 
     @property
@@ -147,10 +147,9 @@ class LitGPT(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "tok_cfg"):
+        if self.hparams.eos_token is not None:
             # What scripts/generate.py needs besides the run's tokenizer.json.
-            checkpoint["tokenizer"] = {"eos_token": datamodule.tok_cfg.eos_token}
+            checkpoint["tokenizer"] = {"eos_token": self.hparams.eos_token}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)

@@ -1,7 +1,7 @@
 """What a run tells its loggers (W&B above all), and how a resumed run stays one run.
 
 - One step axis: everything is logged at the trainer's global step, the number of optimizer steps
-  done (LitGPT logs it as Lightning's `step` metric; tables and images pass it too), and the W&B
+  done (GPTModule logs it as Lightning's `step` metric; tables and images pass it too), and the W&B
   logger makes that W&B's own step. So nothing is dropped for arriving "late", the final step's
   table and curve are in the history, and a resumed run's steps continue where its checkpoint was.
 - One record: RunRecord logs the resolved config once, at the start of training, with what the run
@@ -164,7 +164,8 @@ class RunRecord(L.Callback):
     attempts and its W&B identity (kept in every checkpoint, so a resume continues all of them).
 
     `config`: the resolved run config; `facts`: what is known before training (the peak FLOP/s
-    behind perf/mfu and where it comes from); `overrides`: this attempt's command-line overrides.
+    behind perf/mfu and where it comes from, the tokenizer's vocabulary); `overrides`: this
+    attempt's command-line overrides.
     """
 
     def __init__(self, config: dict[str, Any], facts: dict[str, Any], overrides: list[str]):
@@ -181,12 +182,10 @@ class RunRecord(L.Callback):
         stream = config.get("data", {}).get("stream", {})
         batch = stream.get("batch_size", 0) * trainer.world_size
         batch *= trainer.accumulate_grad_batches
-        datamodule = trainer.datamodule
         config["run"] = {
             **self.facts,
             "params": gpt.num_params(),
             "flops_per_token": gpt.flops_per_token(),
-            "tokenizer_vocab_size": getattr(datamodule, "vocab_size", None),
             "world_size": trainer.world_size,
             "num_nodes": trainer.num_nodes,
             "devices_per_node": trainer.num_devices,

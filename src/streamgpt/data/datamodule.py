@@ -2,7 +2,8 @@
 
 - prepare_data (global rank 0 only): checks the server(s), builds the run's tokenizer.json (trained
   on the first streamed samples, or a given file) and saves the validation samples to the run
-  folder, so every rank and every resume uses the same ones.
+  folder, so every rank and every resume uses the same ones (StreamSetup; train.py hands over
+  the one it already ran, and nothing is done twice).
 - setup (every rank): loads both.
 - train_dataloader: one StreamDataset consumer per (rank, worker), disjoint and deterministic.
 - state_dict / load_state_dict: every consumer's cursor and untrained tokens, gathered from all
@@ -24,10 +25,11 @@ import torch.distributed as dist
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, TensorDataset
 
-from streamgpt.data import tokenizer as tokenizers
 from streamgpt.data.client import StreamError
-from streamgpt.data.dataset import Encoder, StreamDataset, TokenPacker, close_feeds
-from streamgpt.data.prepare import StreamSetup
+from streamgpt.data.consumer import close_feeds
+from streamgpt.data.dataset import StreamDataset
+from streamgpt.data.packing import Encoder, TokenPacker
+from streamgpt.data.stream_setup import StreamSetup
 
 log = logging.getLogger("streamgpt.data")
 
@@ -41,6 +43,7 @@ class StreamDataModule(L.LightningDataModule):
         tokenizer: Any,
         run_dir: str | Path,
         *,
+        setup: StreamSetup | None = None,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
@@ -50,7 +53,8 @@ class StreamDataModule(L.LightningDataModule):
         self.run_dir = Path(run_dir)
         self.prepare_data_per_node = False  # one tokenizer per run, in the (shared) run folder
         self._rank, self._world = rank, world_size
-        self.streams = StreamSetup(stream, tokenizer, run_dir)
+        # The run's setup (train.py hands over the one headstart.HeadStart did), or our own.
+        self.streams = setup or StreamSetup(stream, tokenizer, run_dir)
         self.urls, self.token = self.streams.urls, self.streams.token
         self.tokenizer: Tokenizer | None = None
         self.val_x: torch.Tensor | None = None
@@ -122,9 +126,8 @@ class StreamDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not self.streams.prepared and getattr(self, "trainer", None) is None:
             self.prepare_data()  # used on its own, without a Trainer to call prepare_data
-        if not self.server:
-            self.check_servers()
-        self.tokenizer = tokenizers.load(self.tokenizer_path, self.tok_cfg.eos_token)
+        self.streams.servers()
+        self.tokenizer = self.streams.tokenizer()
         self.val_x = self.val_y = None
         if self.cfg.valid_size > 0:
             lines = self.validation_path.read_bytes().splitlines()

@@ -20,11 +20,6 @@ from streamgpt.atomic import replacing
 def train_bpe(
     texts: list[str], vocab_size: int, min_frequency: int, eos: str, pad: str
 ) -> Tokenizer:
-    if vocab_size < 256 + 2:
-        raise ValueError(
-            "tokenizer.vocab_size must be at least 258 (256 bytes + 2 special tokens), "
-            f"got {vocab_size}"
-        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -69,19 +64,15 @@ def build(cfg: Any, run_dir: Path, sample_texts: Callable[[], list[str]]) -> Pat
 
 
 def _make(cfg: Any, tmp: Path, sample_texts: Callable[[], list[str]]) -> None:
+    """Write the tokenizer `cfg` asks for (checked by config.validate) to `tmp`."""
     if cfg.name == "pretrained":
-        if not cfg.path:
-            raise ValueError("tokenizer=pretrained needs tokenizer.path=<tokenizer.json>")
-        load(cfg.path, cfg.eos_token)
+        load(cfg.path, cfg.eos_token)  # the file's content: a tokenizer, with the eos token
         shutil.copyfile(cfg.path, tmp)
-    elif cfg.name == "bpe":
-        texts = sample_texts()
-        if not texts:
-            raise ValueError(
-                "no samples to train the tokenizer on (data.stream.streaming_setup_samples)"
-            )
-        train_bpe(texts, cfg.vocab_size, cfg.min_frequency, cfg.eos_token, cfg.pad_token).save(
-            str(tmp)
+        return
+    texts = sample_texts()
+    if not texts:
+        raise ValueError(
+            "no samples to train the tokenizer on (data.stream.streaming_setup_samples)"
         )
-    else:
-        raise ValueError(f"tokenizer.name must be 'bpe' or 'pretrained', got {cfg.name!r}")
+    tok = train_bpe(texts, cfg.vocab_size, cfg.min_frequency, cfg.eos_token, cfg.pad_token)
+    tok.save(str(tmp))

@@ -1,10 +1,12 @@
-"""Before training: check the stream servers, then build the run's tokenizer and validation set.
+"""StreamSetup: what a run reads from its stream servers once, before training.
 
-Kept free of Lightning, so that `train.py` can do this in a background thread while Lightning
-imports (app.HeadStart); StreamDataModule.prepare_data runs the same code when it was not done.
 - check_servers: every url answers, and all replicas serve the same corpus the same way.
 - prepare: <run>/validation.jsonl (from the server's validation split) and <run>/tokenizer.json
   (a BPE trained on the first streamed samples, or a given file), unless the run folder has them.
+
+Kept free of Lightning: `train.py` runs it in a background thread while Lightning imports
+(headstart.HeadStart) and hands it to StreamDataModule; a StreamDataModule used on its own makes
+its own.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from tokenizers import Tokenizer
 
 from streamgpt.atomic import write_atomic
 from streamgpt.data import tokenizer as tokenizers
@@ -29,12 +32,10 @@ class StreamSetup:
         self.cfg = stream
         self.tok_cfg = tokenizer
         self.run_dir = Path(run_dir)
-        urls = [stream.url] if isinstance(stream.url, str) or stream.url is None else stream.url
-        self.urls = [str(u) for u in urls if u]
-        if not self.urls or any(not u for u in self.urls):
-            raise ValueError("data.stream.url is empty: give a ws:// URL or a list of them")
+        self.urls = [stream.url] if isinstance(stream.url, str) else [str(u) for u in stream.url]
         self.token = token_from_env(stream.token_env)
         self.server: dict[str, Any] = {}
+        self._tokenizer: Tokenizer | None = None
 
     @property
     def tokenizer_path(self) -> Path:
@@ -50,6 +51,12 @@ class StreamSetup:
             self.cfg.valid_size <= 0 or self.validation_path.exists()
         )
 
+    def tokenizer(self) -> Tokenizer:
+        """The run's tokenizer (prepare() made it), read once."""
+        if self._tokenizer is None:
+            self._tokenizer = tokenizers.load(self.tokenizer_path, self.tok_cfg.eos_token)
+        return self._tokenizer
+
     def open(self, url: str, consumer: dict[str, Any] | None = None) -> Connection:
         conn = Connection(
             url,
@@ -63,6 +70,10 @@ class StreamSetup:
             raise
         except (OSError, TimeoutError, ConnectionError) as e:
             raise StreamError(no_server(url, e)) from None
+
+    def servers(self) -> dict[str, Any]:
+        """What the servers serve (see check_servers), asked once."""
+        return self.server or self.check_servers()
 
     def check_servers(self) -> dict[str, Any]:
         """Status of every server; all replicas must serve the same corpus the same way."""
@@ -125,8 +136,7 @@ class StreamSetup:
 
     def prepare(self) -> None:
         """The run's tokenizer and validation samples, unless the run folder has them."""
-        server = self.check_servers()
-        extended = server["extended"]
+        extended = self.servers()["extended"]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not self.validation_path.exists() and self.cfg.valid_size > 0:
             if extended:

@@ -1,0 +1,77 @@
+"""Tokens of consecutive samples packed into training windows.
+
+Windows of max_length+1 tokens with stride max_length, so every adjacent pair of tokens is
+trained exactly once; documents are separated by the end-of-text token; no padding, nothing
+dropped. The packer's state (tokens and sample ids not yet trained) goes into checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+
+class TokenPacker:
+    """Tokens of consecutive samples, cut into (x, y) batches of shape (batch_size, max_length)."""
+
+    def __init__(self, batch_size: int, max_length: int, state: dict[str, Any] | None = None):
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.need = batch_size * max_length + 1
+        self._parts: list[np.ndarray] = []
+        self._size = 0
+        self._starts: list[tuple[int, str]] = []  # (token offset, sample id) not yet in a batch
+        if state is not None:
+            tokens = state["tokens"]
+            tokens = tokens.numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+            if tokens.size:
+                self._parts.append(tokens.astype(np.int32))
+                self._size = int(tokens.size)
+            self._starts = [(int(o), str(i)) for o, i in state["ids"]]
+
+    def add(self, sample_ids: list[str], token_lists: list[list[int]]) -> None:
+        for sample_id, ids in zip(sample_ids, token_lists, strict=True):
+            if not ids:
+                continue
+            self._starts.append((self._size, sample_id))
+            self._parts.append(np.asarray(ids, dtype=np.int32))
+            self._size += len(ids)
+
+    def ready(self) -> bool:
+        return self._size >= self.need
+
+    def pop(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """The next batch (int64 arrays of shape (batch_size, max_length)) and the ids of the
+        samples whose first token is in it."""
+        tokens = np.concatenate(self._parts) if len(self._parts) > 1 else self._parts[0]
+        stride = self.batch_size * self.max_length
+        window = tokens[: self.need].astype(np.int64)
+        x = window[:-1].reshape(self.batch_size, self.max_length)
+        y = window[1:].reshape(self.batch_size, self.max_length)
+        # The last target token is also the first input token of the next batch.
+        rest = tokens[stride:]
+        self._parts, self._size = [rest], int(rest.size)
+        ids = [i for o, i in self._starts if o < stride]
+        self._starts = [(o - stride, i) for o, i in self._starts if o >= stride]
+        return x, y, ids
+
+    def state(self) -> dict[str, Any]:
+        tokens = np.concatenate(self._parts) if self._parts else np.empty(0, np.int32)
+        return {"tokens": tokens.astype(np.int32), "ids": list(self._starts)}
+
+
+class Encoder:
+    """Batch tokenization of streamed texts, mapping the server's end marker to our EOS token."""
+
+    def __init__(self, tokenizer: Tokenizer, server_eot: str, eos_token: str):
+        self.tokenizer = tokenizer
+        self.replace = server_eot if server_eot and server_eot != eos_token else None
+        self.eos_token = eos_token
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        if self.replace:
+            texts = [t.replace(self.replace, self.eos_token) for t in texts]
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
