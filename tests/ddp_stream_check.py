@@ -9,8 +9,8 @@ from pathlib import Path
 
 import lightning as L
 
-from streamgpt.callbacks import StreamEndSync
 from streamgpt.data import StreamConfig, StreamDataModule, TokenizerConfig
+from streamgpt.endings import StreamEndSync
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.tiny_lm import TinyLM
@@ -33,7 +33,7 @@ def main(url: str, workers: int, out: Path) -> None:
         strategy="ddp",
         max_steps=100_000,
         max_epochs=1,
-        callbacks=[StreamEndSync()],
+        callbacks=[StreamEndSync(dm)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
@@ -74,6 +75,9 @@ def test_every_option_of_every_group_composes(override):
         # These need a path from the user; without one, validate names the key.
         with pytest.raises((MissingMandatoryValue, ValueError), match="path"):
             validate(cfg)
+    elif override == "precision=16-mixed" and not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="precision=16-mixed needs a GPU"):
+            validate(cfg)  # the hardware check belongs to validation too: before any work
     elif not override.startswith("hparams_search"):
         validate(cfg)
 

@@ -16,9 +16,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from streamgpt.callbacks import StreamEndSync, ThroughputMonitor
 from streamgpt.data import StreamDataModule, TokenizerConfig
+from streamgpt.endings import StreamEndSync
 from streamgpt.lit_module import GPTModule, pad_vocab
+from streamgpt.monitors import ThroughputMonitor
 from streamgpt.server.process import ServerProcess
 
 from .conftest import stream_cfg
@@ -31,7 +32,7 @@ def fit(url, run: Path, steps: int, ckpt_path=None, every=None, workers=0):
     dm = StreamDataModule(
         stream_cfg(url, num_workers=workers), TokenizerConfig(vocab_size=512), run
     )
-    callbacks = [ThroughputMonitor(), StreamEndSync()]
+    callbacks = [ThroughputMonitor(), StreamEndSync(dm)]
     if every:
         callbacks.append(
             ModelCheckpoint(dirpath=run / "ckpt", every_n_train_steps=every, save_top_k=-1)

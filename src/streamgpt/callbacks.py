@@ -3,38 +3,27 @@
 - SampleGenerations: text from fixed prompts and unconditional samples every `every` steps.
 - LossCurve: training_curve_LOSS.png (train and validation loss against steps and tokens).
 - StepCheckpoint: checkpoints every `every` steps, the best n by val/loss plus last.ckpt.
-- ThroughputMonitor: perf/data_wait_s, perf/tokens_per_s, perf/mfu.
-- StreamEndSync: all ranks stop after the same step when a finite stream runs out.
-- GracefulStop: on SIGINT / SIGTERM / SLURM's requeue signal, a checkpoint of the step, then exit.
-- PerfReport: perf.json: where the seconds before the first optimizer step went; peak memory.
 - StepProgressBar: optimizer steps out of max_steps (resumed runs too), not epochs.
+How a run measures itself is in monitors.py, how it ends early in endings.py.
 All files are written atomically (a temporary file renamed into place).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import signal
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from tokenizers import Tokenizer
 
 from streamgpt.atomic import replacing, write_atomic
-from streamgpt.cache import cache_dir
-from streamgpt.perf import STARTUP, peak_rss_mb
-from streamgpt.signals import SIGNALS, Stopped, StopSignals, requeue
 
 if TYPE_CHECKING:
-    from streamgpt.data import StreamDataModule
+    pass
 
 log = logging.getLogger("streamgpt")
 
@@ -248,209 +237,6 @@ class StepCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         pass  # a stream has no epochs worth a checkpoint
-
-
-class ThroughputMonitor(L.Callback):
-    """perf/data_wait_s, perf/step_s, perf/tokens_per_s (global) and perf/mfu (per device).
-
-    Put it first among the callbacks: a step's compute time is measured from its batch arriving
-    to the end of its optimizer step, before any other callback (sampling, checkpointing) runs;
-    the data wait from the end of everything after the previous step (the module stamps
-    `hooks_done` once all callbacks and validation are through) to the next batch arriving.
-    Throughput is tokens / (wait + compute): what the run really gets, minus our own reporting.
-    MFU is measured against `peak_flops` (perf.device_peak says where that figure comes from); a
-    step that beats it means the peak is wrong, so a value above 1 is never logged as MFU.
-    """
-
-    def __init__(self, peak_flops: float | None = None) -> None:
-        self.peak_flops = peak_flops
-        self._start: float | None = None
-        self._wait: float | None = None
-        self._end: float | None = None
-        self._warned_mfu = False
-        self.total_wait_s = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        now = time.perf_counter()
-        done = max(filter(None, (getattr(pl_module, "hooks_done", None), self._end)), default=None)
-        self._wait = now - done if done is not None else None
-        if self._wait is not None:
-            self.total_wait_s += self._wait
-            pl_module.log("perf/data_wait_s", self._wait)
-        self._start = now
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        now = time.perf_counter()
-        self._end = now
-        compute = now - self._start
-        pl_module.log("perf/step_s", compute)
-        if self._wait is None:
-            return
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch["x"]
-        rate = x.numel() * trainer.world_size / (compute + self._wait)
-        pl_module.log("perf/tokens_per_s", rate)
-        if self.peak_flops and hasattr(pl_module, "gpt"):
-            flops = pl_module.gpt.flops_per_token(x.size(1)) * rate / trainer.world_size
-            mfu = flops / self.peak_flops
-            if mfu <= 1:
-                pl_module.log("perf/mfu", mfu)
-            elif not self._warned_mfu:
-                self._warned_mfu = True
-                log.warning(
-                    "a step ran at %.1f GFLOP/s, above the peak of %.1f GFLOP/s that perf/mfu is "
-                    "measured against; such steps are not logged as MFU. Set peak_flops=<FLOP/s "
-                    "per device>, or delete the cached probe (%s) to measure again",
-                    flops / 1e9,
-                    self.peak_flops / 1e9,
-                    cache_dir() / "peak_flops.json",
-                )
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        self._end = None  # validation is not waiting for training data
-
-
-class GracefulStop(L.Callback):
-    """Stops training between steps when a stop signal came, with a checkpoint of that step.
-
-    Put it before the callbacks that work at the end of training (samples, the loss curve): a
-    stopped run does not spend its grace period on them.
-    """
-
-    def __init__(self, checkpoint_dir: str | Path, signals: StopSignals = SIGNALS) -> None:
-        self.checkpoint_dir = Path(checkpoint_dir)
-        self.signals = signals
-        self.stopping: int | None = None
-        self._requeue: int | None = None
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        env = trainer._accelerator_connector.cluster_environment  # what Lightning's handler reads
-        if isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal:
-            self._requeue = int(env.requeue_signal)
-        # Lightning has just set its own SIGTERM (and requeue) handlers: ours take over.
-        self.signals.install(*([self._requeue] if self._requeue else []))
-        launcher = trainer.strategy.launcher
-        self.signals.forward = launcher if getattr(launcher, "procs", None) else None
-        self.signals.graceful = True
-
-    def _check(self, trainer: L.Trainer) -> None:
-        self.signals.step = trainer.global_step
-        asked = self.signals.received is not None
-        if trainer.world_size > 1:  # a signal may reach the ranks at different steps
-            asked = trainer.strategy.reduce_boolean_decision(asked, all=False)
-        if asked and self.stopping is None:
-            self.stopping = self.signals.received or signal.SIGTERM
-            trainer.should_stop = True
-
-    def on_train_batch_end(self, trainer, pl_module, *args: Any) -> None:
-        self._check(trainer)
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self._check(trainer)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.signals.graceful = False
-        if self.stopping is None:
-            return
-        path = self.checkpoint_dir / "last.ckpt"
-        trainer.save_checkpoint(path, weights_only=False)  # the whole state: it is resumed
-        for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if self.stopping != signal.SIGINT and hasattr(experiment, "mark_preempting"):
-                experiment.mark_preempting()  # W&B shows it as preempted, not crashed
-        if self.stopping == self._requeue and trainer.is_global_zero:
-            requeue()
-        raise Stopped(self.stopping, step=trainer.global_step, checkpoint=path)
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self.signals.graceful = False
-
-
-class StreamEndSync(L.Callback):
-    """Stops every rank after the same step when a finite stream runs out.
-
-    A server with a configured end (end.max_epochs / end.max_samples) gives consumers different
-    amounts of text; a rank whose data ended would leave the others waiting forever in the next
-    gradient all-reduce. Each batch says whether it is its consumer's last; as soon as any rank
-    trains a last batch, all ranks stop after that step. Endless streams (the default) never pay
-    for the extra all-reduce. `datamodule`: the run's StreamDataModule.
-    """
-
-    def __init__(self, datamodule: StreamDataModule) -> None:
-        self.datamodule = datamodule
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
-    ) -> None:
-        if not self.datamodule.finite:
-            return
-        ended = trainer.strategy.reduce_boolean_decision(self.datamodule.saw_last_batch, all=False)
-        if ended:
-            trainer.should_stop = True
-
-
-class PerfReport(L.Callback):
-    """<run>/perf.json, its only writer (rank 0): the start-up breakdown from process start
-    (`perf.STARTUP`, with the phases inside `fit` marked here), logged and written after the
-    second step, and the peak memory of the trainer and the embedded server at the end.
-    `server_pid`: the embedded server's current process id, or None."""
-
-    def __init__(
-        self,
-        run_dir: str | Path,
-        compiled: bool = False,
-        server_pid: Callable[[], int | None] = lambda: None,
-    ) -> None:
-        self.path = Path(run_dir) / "perf.json"
-        self.first_step = "first step (compile included)" if compiled else "first step"
-        self.server_pid = server_pid
-        self.record: dict[str, Any] = {}
-        self._steps = 0
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        STARTUP.mark("datamodule prepare_data and setup")
-
-    def on_train_batch_start(self, trainer, pl_module, *args: Any) -> None:
-        if self._steps == 0:
-            STARTUP.mark("first batch")
-
-    def on_train_batch_end(self, trainer, pl_module, *args: Any) -> None:
-        self._steps += 1
-        if self._steps == 1:
-            STARTUP.mark(self.first_step)
-        elif self._steps == 2:
-            STARTUP.mark("second step")
-            if trainer.is_global_zero:
-                self.report()
-
-    def report(self) -> None:
-        phases = STARTUP.phases()
-        to_first = sum(v for k, v in phases.items() if k != "second step")
-        began = STARTUP.began()
-        background = {k: t - began for k, t in STARTUP.background.items()}
-        log.info(
-            "%.1f s from process start to the first optimizer step: %s (in the background: %s)",
-            to_first,
-            ", ".join(f"{k} {v:.1f}" for k, v in phases.items()),
-            ", ".join(f"{k} ready at {v:.1f}" for k, v in background.items()) or "nothing",
-        )
-        startup = {
-            "to_first_step_s": to_first,
-            "phases_s": phases,
-            "background_ready_s": background,
-        }
-        self.record["startup"] = startup
-        write_atomic(self.path, json.dumps(self.record, indent=2))
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
-        memory = {"trainer": peak_rss_mb()}
-        pid = self.server_pid()
-        if pid is not None:
-            memory["server"] = peak_rss_mb(pid)
-        self.record["peak_rss_mb"] = memory
-        write_atomic(self.path, json.dumps(self.record, indent=2))
 
 
 class StepProgressBar(RichProgressBar):

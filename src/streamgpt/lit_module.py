@@ -2,7 +2,7 @@
 a researcher reads.
 
 Logs train/loss, val/loss, val/ppl, lr and tokens_seen, all at the trainer's global step (the
-`step` it logs beside them is the step Lightning hands its loggers); callbacks.ThroughputMonitor
+`step` it logs beside them is the step Lightning hands its loggers); monitors.ThroughputMonitor
 adds perf/tokens_per_s and perf/mfu. With `compile=True` the forward pass is `torch.compile`d, but
 the compiled wrapper is kept out of the module tree: checkpoints hold plain `model.*` keys and
 generation runs the uncompiled module.

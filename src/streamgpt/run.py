@@ -23,22 +23,15 @@ from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
 from streamgpt.attempts import attempt_dir, overrides, record_run
-from streamgpt.callbacks import (
-    GracefulStop,
-    LossCurve,
-    PerfReport,
-    SampleGenerations,
-    StepCheckpoint,
-    StepProgressBar,
-    StreamEndSync,
-    ThroughputMonitor,
-)
+from streamgpt.callbacks import LossCurve, SampleGenerations, StepCheckpoint, StepProgressBar
 from streamgpt.checkpoint_io import AtomicCheckpointIO
 from streamgpt.data import StreamDataModule
+from streamgpt.endings import GracefulStop, StreamEndSync
 from streamgpt.flops import Peak, device_peak
 from streamgpt.headstart import HeadStart, RunInputs, global_rank, local_rank
 from streamgpt.lit_module import GPTModule, pad_vocab
 from streamgpt.loggers import RunRecord, build_loggers, checkpoint_identity
+from streamgpt.monitors import PerfReport, ThroughputMonitor
 from streamgpt.perf import STARTUP
 from streamgpt.signals import Stopped
 

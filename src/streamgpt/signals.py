@@ -15,7 +15,7 @@ Lightning's own handler is not used: it writes its checkpoint from inside the si
 the middle of a step, which would lose or repeat a batch of the stream.
 
 This module imports no Lightning: train.py installs the handlers before Lightning is imported.
-callbacks.GracefulStop does the stopping.
+endings.GracefulStop does the stopping.
 """
 
 from __future__ import annotations
