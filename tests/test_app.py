@@ -20,8 +20,8 @@ from omegaconf.errors import MissingMandatoryValue
 
 from streamgpt.config import register_configs, validate
 
-from .runs import processes_using, start, wait_for
-from .wandb_log import config_updates, history, run_info
+from .helpers.runs import processes_using, start, wait_for
+from .helpers.wandb_log import config_updates, history, run_info
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

@@ -6,7 +6,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from streamgpt.server.streams import ConsumerSpec, open_stream
 
-from .conftest import Client, ids
+from .helpers.servers import Client, ids
 
 BYSTANDER = {"rank": 1, "world_size": 2, "seed": 4}
 

@@ -18,7 +18,7 @@ from streamgpt.checkpoint_io import AtomicCheckpointIO
 from streamgpt.data import StreamDataModule, TokenizerConfig
 from streamgpt.lit_module import GPTModule, pad_vocab
 
-from .conftest import stream_cfg
+from .helpers.servers import stream_cfg
 
 PROMPTS = ["This movie is the most", "Steven"]
 

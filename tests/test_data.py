@@ -22,8 +22,8 @@ from streamgpt.data.client import Connection, StreamError
 from streamgpt.data.tokenizer import load, train_bpe
 from streamgpt.server.process import ServerProcess
 
-from .conftest import stream_cfg
-from .core_server import CoreOnlyServer
+from .helpers.core_server import CoreOnlyServer
+from .helpers.servers import stream_cfg
 
 EOS = "<|endoftext|>"
 
@@ -304,7 +304,7 @@ def test_replicas_of_different_corpora_are_refused(make_dm, tmp_path):
 
 @pytest.fixture
 def proxy(stream_server):
-    from .proxy import ChaosProxy
+    from .helpers.proxy import ChaosProxy
 
     chaos = ChaosProxy(stream_server.url)
     yield chaos

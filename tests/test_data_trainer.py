@@ -22,8 +22,8 @@ from streamgpt.lit_module import GPTModule, pad_vocab
 from streamgpt.monitors import ThroughputMonitor
 from streamgpt.server.process import ServerProcess
 
-from .conftest import stream_cfg
-from .tiny_lm import TinyLM
+from .helpers.servers import stream_cfg
+from .helpers.tiny_lm import TinyLM
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_real_ddp_ranks_train_disjoint_samples_and_stop_together(tmp_path, worke
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node=2",
-            str(REPO / "tests" / "ddp_stream_check.py"),
+            str(REPO / "tests" / "helpers" / "ddp_stream_check.py"),
             server.url,
             str(workers),
             str(tmp_path),

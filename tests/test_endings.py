@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .runs import (
+from .helpers.runs import (
     batches,
     embedded_server,
     output,

@@ -13,7 +13,7 @@ import pytest
 from streamgpt.cache import cache_dir
 from streamgpt.server.corpus import IndexedCorpus
 
-from .conftest import ids
+from .helpers.servers import ids
 
 CORPORA = ["shakespeare", "fineweb", "fineweb_row_groups"]
 

@@ -19,7 +19,7 @@ from streamgpt.server import Limits
 from streamgpt.server.protocol import REQUEST_TYPES
 from streamgpt.server.streams import ConsumerSpec, open_stream
 
-from .conftest import Client, ids
+from .helpers.servers import Client, ids
 
 BYSTANDER = {"rank": 0, "world_size": 2, "seed": 9}
 
@@ -83,7 +83,7 @@ frames = st.one_of(
 def fuzz_server(shakespeare):
     from streamgpt.server import StreamServer
 
-    from .conftest import RunningServer
+    from .helpers.servers import RunningServer
 
     server = RunningServer(
         StreamServer(

@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from streamgpt.server import Limits
 from streamgpt.server.corpus import Chunking, SampleEncoder, ShardedCorpus
 
-from .conftest import Client, ids
+from .helpers.servers import Client, ids
 
 
 def test_status_reports_the_limits(serve, client, shakespeare):

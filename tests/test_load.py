@@ -17,7 +17,7 @@ from websockets.sync.client import connect
 
 from streamgpt.server.process import ServerProcess
 
-from .corpora import text
+from .helpers.corpora import text
 
 
 def many_documents(folder, n=200):

@@ -14,7 +14,7 @@ import torch
 
 from streamgpt.server.process import ServerProcess
 
-from .runs import batches, output, start, train, wait_for
+from .helpers.runs import batches, output, start, train, wait_for
 
 
 def metric(run: Path, name: str) -> list[float]:

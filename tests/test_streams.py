@@ -7,7 +7,7 @@ from streamgpt.server.corpus import Chunking, IndexedCorpus, SampleEncoder
 from streamgpt.server.protocol import ProtocolError
 from streamgpt.server.streams import ConsumerSpec, CursorError, open_stream
 
-from .corpora import text
+from .helpers.corpora import text
 
 
 def small_indexed() -> IndexedCorpus:

@@ -13,8 +13,8 @@ import pytest
 
 from streamgpt.server.process import ServerProcess
 
-from .conftest import Client, ids
-from .runs import batches, output, processes_using, start, train, wait_for
+from .helpers.runs import batches, output, processes_using, start, train, wait_for
+from .helpers.servers import Client, ids
 
 DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
 DDP_STEPS = [

@@ -13,8 +13,8 @@ from hydra.types import RunMode
 
 from streamgpt.loggers import run_names
 
-from .runs import train
-from .wandb_log import config_updates, history, records, run_info, summary
+from .helpers.runs import train
+from .helpers.wandb_log import config_updates, history, records, run_info, summary
 
 WANDB = ["logger=wandb", "logger.mode=offline", "trainer.progress_bar=true"]
 

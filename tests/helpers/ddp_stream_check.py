@@ -12,8 +12,8 @@ import lightning as L
 from streamgpt.data import StreamConfig, StreamDataModule, TokenizerConfig
 from streamgpt.endings import StreamEndSync
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.tiny_lm import TinyLM
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.helpers.tiny_lm import TinyLM
 
 
 def main(url: str, workers: int, out: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # A model and stream small enough for tens of steps a minute on 2 CPU cores, every batch logged.
 SMALL = [
     "model.d_model=64",

@@ -1,0 +1,1 @@
+"""What the tests share: servers and clients, corpora, training runs, W&B files, a proxy."""
