@@ -2,7 +2,7 @@
 
 Start-up: the CPU demo as `make train` runs it (embedded server, BPE trained on the stream, W&B
 offline), timed from process start to the first optimizer step, phase by phase, from the run's
-perf.json (written by callbacks.StartupReport); the median of `--runs` runs, then once with
+perf.json (written by monitors.PerfReport); the median of `--runs` runs, then once with
 model.compile=true (its compile time is the first step minus the second).
 
 Memory: peak RSS (Linux VmHWM) of the trainer and of the embedded server over a run that trains,
