@@ -15,10 +15,9 @@ from PIL import Image
 
 from streamgpt.callbacks import LossCurve, SampleGenerations, StepCheckpoint
 from streamgpt.checkpoint_io import AtomicCheckpointIO
-from streamgpt.data import StreamDataModule, TokenizerConfig
-from streamgpt.lit_module import GPTModule, pad_vocab
+from streamgpt.lit_module import GPTModule
 
-from .helpers.servers import stream_cfg
+from .helpers.tiny_lm import small_gpt
 
 PROMPTS = ["This movie is the most", "Steven"]
 
@@ -27,14 +26,7 @@ PROMPTS = ["This movie is the most", "Steven"]
 def trained(stream_server, tmp_path_factory):
     """A real 12-step fit from the stream with every callback on."""
     run = tmp_path_factory.mktemp("run")
-    dm = StreamDataModule(stream_cfg(stream_server.url), TokenizerConfig(vocab_size=512), run)
-    dm.prepare_data()
-    dm.setup()
-    model = GPTModule(
-        {"context": 32, "d_model": 32, "n_layers": 2, "n_heads": 2}
-        | {"vocab_size": pad_vocab(dm.vocab_size)},
-        {"name": "adamw", "lr": 1e-3, "warmup_steps": 2},
-    )
+    dm, model = small_gpt(stream_server.url, run)
     callbacks = [
         SampleGenerations(
             run, dm.tokenizer, dm.eos_id, every=5, prompts=PROMPTS, n_auto=2, max_new_tokens=20

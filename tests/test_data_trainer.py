@@ -18,12 +18,11 @@ from lightning.pytorch.loggers import CSVLogger
 
 from streamgpt.data import StreamDataModule, TokenizerConfig
 from streamgpt.endings import StreamEndSync
-from streamgpt.lit_module import GPTModule, pad_vocab
 from streamgpt.monitors import ThroughputMonitor
 from streamgpt.server.process import ServerProcess
 
 from .helpers.servers import stream_cfg
-from .helpers.tiny_lm import TinyLM
+from .helpers.tiny_lm import TinyLM, small_gpt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,14 +111,7 @@ def test_metrics_are_logged_at_the_global_step_and_mfu_never_above_one(
     runs = {}
     for peak in (1.0, 1e15):  # a peak far too low: every step would "beat" it
         run = tmp_path / f"peak-{peak:g}"
-        dm = StreamDataModule(stream_cfg(stream_server.url), TokenizerConfig(vocab_size=512), run)
-        dm.prepare_data()
-        dm.setup()
-        model = GPTModule(
-            {"context": 32, "d_model": 32, "n_layers": 2, "n_heads": 2}
-            | {"vocab_size": pad_vocab(dm.vocab_size)},
-            {"name": "adamw", "lr": 1e-3, "warmup_steps": 2},
-        )
+        dm, model = small_gpt(stream_server.url, run)
         trainer = L.Trainer(
             accelerator="cpu",
             max_steps=5,

@@ -1,10 +1,16 @@
-"""The smallest LightningModule that trains on (x, y) token batches and records what it saw."""
+"""Small models for Trainer tests: TinyLM, the smallest LightningModule that trains on (x, y)
+token batches and records what it saw, and a small GPTModule on a set-up StreamDataModule."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+
+from streamgpt.data import StreamDataModule, TokenizerConfig
+from streamgpt.lit_module import GPTModule, pad_vocab
 
 
 class TinyLM(L.LightningModule):
@@ -40,3 +46,24 @@ class TinyLM(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def small_gpt(url: str, run: Path) -> tuple[StreamDataModule, GPTModule]:
+    """A StreamDataModule on `url`, set up (tokenizer trained), and a small GPTModule for its
+    vocabulary: what train.py hands over, for a Trainer built in the test."""
+    from .servers import stream_cfg
+
+    dm = StreamDataModule(stream_cfg(url), TokenizerConfig(vocab_size=512), run)
+    dm.prepare_data()
+    dm.setup()
+    model = GPTModule(
+        {
+            "context": 32,
+            "d_model": 32,
+            "n_layers": 2,
+            "n_heads": 2,
+            "vocab_size": pad_vocab(dm.vocab_size),
+        },
+        {"name": "adamw", "lr": 1e-3, "warmup_steps": 2},
+    )
+    return dm, model
