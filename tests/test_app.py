@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from streamgpt.config import register_configs, validate
+from streamgpt.server.config import CONF as SERVER_CONF
 
 from .helpers.runs import processes_using, start, wait_for
 from .helpers.wandb_log import config_updates, history, run_info
@@ -55,7 +56,7 @@ def options():
     for group in GROUPS:
         for path in sorted((CONF / group).glob("*.yaml")):
             yield f"{group}={path.stem}"
-    for path in sorted((CONF / "source").glob("*.yaml")):
+    for path in sorted((SERVER_CONF / "source").glob("*.yaml")):
         yield f"source@server.source={path.stem}"
 
 

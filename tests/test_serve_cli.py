@@ -1,15 +1,19 @@
-"""`python scripts/serve.py ...`: the Hydra app, run as a user runs it."""
+"""`python -m streamgpt.server ...` (and scripts/serve.py): the Hydra app, run as a user runs it."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from streamgpt.server.process import SERVE_SCRIPT, ServerProcess
+from streamgpt.server.process import ServerProcess
 
 from .helpers.corpora import write_user_corpus
 from .helpers.servers import Client, ids
+
+# The thin wrapper users run from a checkout (ServerProcess runs `python -m streamgpt.server`).
+SERVE = [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "serve.py")]
 
 
 def test_serve_composes_a_source_and_serves_until_sigterm(tmp_path, client):
@@ -62,7 +66,7 @@ def test_the_token_comes_from_the_environment_and_is_never_logged(tmp_path):
 )
 def test_a_bad_option_fails_at_start_naming_it(tmp_path, override, names):
     done = subprocess.run(
-        [sys.executable, str(SERVE_SCRIPT), override, "port=0", f"hydra.run.dir={tmp_path}"],
+        [*SERVE, override, "port=0", f"hydra.run.dir={tmp_path}"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -34,10 +34,11 @@ class Group:
         return f"{self.name}@{self.package}" if self.package else self.name
 
 
-def groups(conf_dir: Path, config_name: str) -> list[Group]:
-    """The config groups of conf/ that `config_name` uses (Hydra's own excluded)."""
+def groups(conf_dirs: list[Path], config_name: str) -> list[Group]:
+    """The config groups that `config_name` (in the first of `conf_dirs`) uses, each found in
+    the first of `conf_dirs` that has it (Hydra's own excluded)."""
     defaults: dict[str, tuple[str | None, str | None]] = {}
-    for entry in OmegaConf.load(conf_dir / f"{config_name}.yaml").get("defaults", []):
+    for entry in OmegaConf.load(conf_dirs[0] / f"{config_name}.yaml").get("defaults", []):
         if isinstance(entry, str) or not hasattr(entry, "items"):
             continue
         for key, value in entry.items():
@@ -45,17 +46,17 @@ def groups(conf_dir: Path, config_name: str) -> list[Group]:
             defaults[name] = (package or None, value)
     found = []
     for name, (package, default) in defaults.items():
-        folder = conf_dir / name
-        if name.startswith("hydra") or not folder.is_dir():
+        folder = next((d / name for d in conf_dirs if (d / name).is_dir()), None)
+        if name.startswith("hydra") or folder is None:
             continue
         options = sorted(p.stem for p in folder.glob("*.yaml"))
         found.append(Group(name, package, options, default))
     return found
 
 
-def help_template(conf_dir: Path, config_name: str, usage: str, example: str) -> str:
+def help_template(conf_dirs: list[Path], config_name: str, usage: str, example: str) -> str:
     lines = [usage, "", "== Config groups (group=option; the default first) =="]
-    for group in groups(conf_dir, config_name):
+    for group in groups(conf_dirs, config_name):
         options = sorted(group.options, key=lambda o: o != group.default)
         if group.default is None:
             options = ["null", *options]
@@ -70,9 +71,9 @@ def help_template(conf_dir: Path, config_name: str, usage: str, example: str) ->
     return "\n".join(lines)
 
 
-def register_help(conf_dir: Path, config_name: str, usage: str, example: str) -> None:
+def register_help(conf_dirs: list[Path], config_name: str, usage: str, example: str) -> None:
     """`--help` for `config_name`: its yaml selects it with `override hydra/help: <name>`."""
-    template = help_template(conf_dir, config_name, usage, example).replace("${", "\\${")
+    template = help_template(conf_dirs, config_name, usage, example).replace("${", "\\${")
     node = {"app_name": config_name, "header": "", "footer": "", "template": template}
     ConfigStore.instance().store(group="hydra/help", name=config_name, node=node)
 
@@ -107,7 +108,7 @@ def unknown_key(schema: type, path: list[str], open_fields: dict[str, type | Non
 
 
 def check_overrides(
-    conf_dir: Path,
+    conf_dirs: list[Path],
     config_name: str,
     schema: type,
     overrides: list[str],
@@ -120,7 +121,7 @@ def check_overrides(
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception:  # a syntax error: Hydra says it best
         return None
-    known = {g.name: g for g in groups(conf_dir, config_name)}
+    known = {g.name: g for g in groups(conf_dirs, config_name)}
     source_group = next((g for g in known.values() if g.name == "source"), None)
     source = source_group.default if source_group else None
     for o in parsed:
@@ -156,13 +157,13 @@ def check_overrides(
 
 
 def check_command_line(
-    conf_dir: Path, config_name: str, schema: type, sources: dict[str, type], argv: list[str]
+    conf_dirs: list[Path], config_name: str, schema: type, sources: dict[str, type], argv: list[str]
 ) -> None:
     """Exit with one line (code 2) if an override names a key or option that does not exist."""
     from hydra._internal.utils import get_args_parser
 
     args, _ = get_args_parser().parse_known_args(argv)
-    problem = check_overrides(conf_dir, config_name, schema, args.overrides or [], sources)
+    problem = check_overrides(conf_dirs, config_name, schema, args.overrides or [], sources)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

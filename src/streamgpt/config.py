@@ -21,6 +21,7 @@ from streamgpt.command_line import register_help
 from streamgpt.data.config import StreamConfig, TokenizerConfig
 from streamgpt.model import GPTConfig
 from streamgpt.optim import OptimizerConfig
+from streamgpt.server.config import CONF as SERVER_CONF
 from streamgpt.server.config import SOURCE_SCHEMAS, ServeConfig, require
 from streamgpt.server.config import register_configs as register_server_configs
 from streamgpt.server.config import validate as validate_server
@@ -103,7 +104,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    # The embedded stream server, started when data.stream.url is null (conf/serve.yaml's keys).
+    # The embedded stream server, started when data.stream.url is null (serve.yaml's keys).
     server: ServeConfig = field(default_factory=ServeConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -121,7 +122,9 @@ def register_configs(conf_dir: Path) -> None:
     """The schemas, `--help` and the resolvers of the train config (conf_dir: the conf/ folder)."""
     register_server_configs()
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-    register_help(conf_dir, "train", TRAIN_USAGE, "model.d_model=256 optimizer.lr=3e-4")
+    register_help(
+        [conf_dir, SERVER_CONF], "train", TRAIN_USAGE, "model.d_model=256 optimizer.lr=3e-4"
+    )
     root = str(Path(conf_dir).resolve().parent)
     OmegaConf.register_new_resolver("streamgpt.root", lambda: root, replace=True)
     OmegaConf.register_new_resolver("streamgpt.sweep_seed", sweep_seed, replace=True)
@@ -135,7 +138,9 @@ TRAIN_USAGE = """python train.py [group=option ...] [key=value ...]: train a GPT
 
 def check_command_line(conf_dir: Path, argv: list[str]) -> None:
     """A misspelt key or group option on train.py's command line: one line, exit 2."""
-    command_line.check_command_line(conf_dir, "train", TrainConfig, SOURCE_SCHEMAS, argv)
+    command_line.check_command_line(
+        [conf_dir, SERVER_CONF], "train", TrainConfig, SOURCE_SCHEMAS, argv
+    )
 
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")

@@ -1,4 +1,4 @@
-"""Typed schemas of the server's config (`conf/serve.yaml`, `conf/source/*.yaml`).
+"""Typed schemas of the server's config (this package's conf/serve.yaml and conf/source/*.yaml).
 
 Registered in Hydra's ConfigStore, so a misspelt key or a value of the wrong type fails when the
 config is composed, naming the key.
@@ -7,10 +7,14 @@ config is composed, naming the key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+# The server's yaml config, shipped in the package (train.yaml finds source/ here too).
+CONF = Path(__file__).resolve().parent / "conf"
 
 
 @dataclass

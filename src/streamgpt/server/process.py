@@ -28,8 +28,6 @@ from pathlib import Path
 
 log = logging.getLogger("streamgpt")
 
-REPO = Path(__file__).resolve().parents[3]
-SERVE_SCRIPT = REPO / "scripts" / "serve.py"
 _READY = re.compile(r"stream server listening on (ws://\S+)")
 _LOG_PREFIX = re.compile(r"^\[[^]]*\]\[[^]]*\]\[\w+\] - ")  # Hydra's log format
 
@@ -99,7 +97,7 @@ class ServerProcess:
 
     @property
     def command(self) -> list[str]:
-        return [sys.executable, str(SERVE_SCRIPT), *self.overrides]
+        return [sys.executable, "-m", "streamgpt.server", *self.overrides]
 
     @property
     def port(self) -> int | None:
