@@ -113,7 +113,7 @@ def embedded_server(trainer: subprocess.Popen) -> psutil.Process | None:
     """The stream server a train.py process started, if it is running."""
     for child in psutil.Process(trainer.pid).children(recursive=True):
         try:
-            if any(part.endswith("serve.py") for part in child.cmdline()):
+            if "streamgpt.server" in child.cmdline():  # python -m streamgpt.server
                 return child
         except psutil.NoSuchProcess:
             continue
