@@ -20,7 +20,7 @@ from streamgpt.server.corpus import (
     ShardedCorpus,
     chunk_document,
     key_hash,
-    mix64,
+    shuffle_order,
 )
 
 CURSOR_VERSION = 1
@@ -53,16 +53,71 @@ def quota(max_samples: int | None, spec: ConsumerSpec) -> int | None:
 
 
 class Stream:
-    """The interface both stream kinds share."""
+    """A consumer's walk through a corpus: its position, the configured end, epochs rolling over,
+    and the cursor that rebuilds it. Subclasses say what a position is (`POSITION`, the cursor
+    fields besides epoch and n) and how to move it (`_epoch_done`, `_start_epoch`, `_advance`)."""
 
+    POSITION: tuple[str, ...] = ()
     blocking_io: bool
-    quota: int | None
-    max_epochs: int | None
-    n: int
+
+    def __init__(
+        self,
+        corpus: Any,
+        spec: ConsumerSpec,
+        *,
+        epoch: int = 0,
+        cursor: Any = None,
+        max_epochs: int | None = None,
+        max_samples: int | None = None,
+    ) -> None:
+        self.corpus = corpus
+        self.spec = spec
+        self.max_epochs = max_epochs if spec.split == "train" else None
+        self.quota = quota(max_samples, spec)
+        self.epoch, self.n = epoch, 0
+        for name in self.POSITION:
+            setattr(self, name, 0)
+        if cursor is not None:
+            fields = ("epoch", *self.POSITION, "n")
+            c = _check_cursor(cursor, corpus.fingerprint, spec, fields)
+            for name in fields:
+                setattr(self, name, c[name])
+        self._open()
+
+    def _open(self) -> None:
+        """Build what the position needs (and refuse a position past its epoch's end)."""
+
+    def _epoch_done(self) -> bool:
+        raise NotImplementedError
+
+    def _start_epoch(self) -> None:
+        """The position at the start of `self.epoch`."""
+        raise NotImplementedError
+
+    def _advance(self, room: int) -> list[Chunk]:
+        """Up to `room` chunks from the position on, or none after moving to the next document."""
+        raise NotImplementedError
 
     def take(self, n: int) -> list[Chunk]:
         """The next n chunks; fewer only when the stream reaches its end."""
-        raise NotImplementedError
+        out: list[Chunk] = []
+        rollovers = 0
+        while (room := self._room(n - len(out))) > 0:
+            if self._epoch_done():
+                if self.spec.split == "validation":
+                    break  # the validation split is read once
+                rollovers += 1
+                if rollovers > 1 and not out:
+                    raise RuntimeError(
+                        f"consumer {self.spec.describe()} has no documents in an entire epoch"
+                    )
+                self.epoch += 1
+                self._start_epoch()
+                continue
+            piece = self._advance(room)
+            out += piece
+            self.n += len(piece)
+        return out
 
     def next_chunk(self) -> Chunk | None:
         """The next chunk, or None once the stream has reached its end."""
@@ -76,11 +131,17 @@ class Stream:
         return wanted if self.quota is None else max(0, min(wanted, self.quota - self.n))
 
     def cursor(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    @property
-    def epoch(self) -> int:
-        raise NotImplementedError
+        return {
+            "v": CURSOR_VERSION,
+            "fp": self.corpus.fingerprint,
+            "split": self.spec.split,
+            "seed": self.spec.seed,
+            "k": self.spec.index,
+            "K": self.spec.count,
+            "epoch": self.epoch,
+            **{name: getattr(self, name) for name in self.POSITION},
+            "n": self.n,
+        }
 
 
 def _check_cursor(
@@ -121,82 +182,39 @@ def _check_cursor(
 class IndexedStream(Stream):
     """A consumer's walk through an IndexedCorpus: documents of its share, chunk by chunk."""
 
+    POSITION = ("doc", "chunk")
     blocking_io = False
+    corpus: IndexedCorpus
 
-    def __init__(
-        self,
-        corpus: IndexedCorpus,
-        spec: ConsumerSpec,
-        *,
-        epoch: int = 0,
-        cursor: Any = None,
-        max_epochs: int | None = None,
-        max_samples: int | None = None,
-    ) -> None:
-        self.corpus = corpus
-        self.spec = spec
-        self.max_epochs = max_epochs if spec.split == "train" else None
-        self.quota = quota(max_samples, spec)
-        self._epoch, self.doc, self.chunk, self.n = epoch, 0, 0, 0
+    def _open(self) -> None:
         self._docs_epoch, self._docs_cache = -1, np.empty(0, dtype=np.int64)
-        if cursor is not None:
-            c = _check_cursor(cursor, corpus.fingerprint, spec, ("epoch", "doc", "chunk", "n"))
-            self._epoch, self.doc, self.chunk, self.n = c["epoch"], c["doc"], c["chunk"], c["n"]
-            if self.doc > len(self._docs()):
-                raise CursorError(f"cursor document {self.doc} is past the end of its epoch")
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
+        if self.doc > len(self._docs()):
+            raise CursorError(f"cursor document {self.doc} is past the end of its epoch")
 
     def _docs(self) -> np.ndarray:
-        if self._docs_epoch != self._epoch:  # one permutation per epoch, not per chunk
+        if self._docs_epoch != self.epoch:  # one permutation per epoch, not per chunk
             if self.spec.split == "validation":
                 self._docs_cache = self.corpus.validation_ids
             else:
                 s = self.spec
-                self._docs_cache = self.corpus.consumer_docs(s.seed, self._epoch, s.index, s.count)
-            self._docs_epoch = self._epoch
+                self._docs_cache = self.corpus.consumer_docs(s.seed, self.epoch, s.index, s.count)
+            self._docs_epoch = self.epoch
         return self._docs_cache
 
-    def take(self, n: int) -> list[Chunk]:
-        out: list[Chunk] = []
-        rollovers = 0
-        while (room := self._room(n - len(out))) > 0:
-            docs = self._docs()
-            if self.doc >= len(docs):
-                if self.spec.split == "validation":
-                    break
-                rollovers += 1
-                if rollovers > 1 and not out:
-                    raise RuntimeError(
-                        f"consumer {self.spec.describe()} has no documents in an entire epoch"
-                    )
-                self._epoch, self.doc, self.chunk = self._epoch + 1, 0, 0
-                continue
-            chunks = self.corpus.chunks(int(docs[self.doc]))
-            if self.chunk >= len(chunks):
-                self.doc, self.chunk = self.doc + 1, 0
-                continue
-            piece = chunks[self.chunk : self.chunk + room]
-            out += piece
-            self.chunk += len(piece)
-            self.n += len(piece)
-        return out
+    def _epoch_done(self) -> bool:
+        return self.doc >= len(self._docs())
 
-    def cursor(self) -> dict[str, Any]:
-        return {
-            "v": CURSOR_VERSION,
-            "fp": self.corpus.fingerprint,
-            "split": self.spec.split,
-            "seed": self.spec.seed,
-            "k": self.spec.index,
-            "K": self.spec.count,
-            "epoch": self._epoch,
-            "doc": self.doc,
-            "chunk": self.chunk,
-            "n": self.n,
-        }
+    def _start_epoch(self) -> None:
+        self.doc, self.chunk = 0, 0
+
+    def _advance(self, room: int) -> list[Chunk]:
+        chunks = self.corpus.chunks(int(self._docs()[self.doc]))
+        if self.chunk >= len(chunks):
+            self.doc, self.chunk = self.doc + 1, 0
+            return []
+        piece = chunks[self.chunk : self.chunk + room]
+        self.chunk += len(piece)
+        return piece
 
 
 @dataclass
@@ -215,28 +233,11 @@ class ShardedStream(Stream):
     from the window's first row and rebuilds the same window.
     """
 
+    POSITION = ("unit", "row", "pos", "chunk")
     blocking_io = True
+    corpus: ShardedCorpus
 
-    def __init__(
-        self,
-        corpus: ShardedCorpus,
-        spec: ConsumerSpec,
-        *,
-        epoch: int = 0,
-        cursor: Any = None,
-        max_epochs: int | None = None,
-        max_samples: int | None = None,
-    ) -> None:
-        self.corpus = corpus
-        self.spec = spec
-        self.max_epochs = max_epochs if spec.split == "train" else None
-        self.quota = quota(max_samples, spec)
-        self._epoch, self.unit, self.row, self.pos, self.chunk, self.n = epoch, 0, 0, 0, 0, 0
-        if cursor is not None:
-            fields = ("epoch", "unit", "row", "pos", "chunk", "n")
-            c = _check_cursor(cursor, corpus.fingerprint, spec, fields)
-            self._epoch, self.unit, self.row = c["epoch"], c["unit"], c["row"]
-            self.pos, self.chunk, self.n = c["pos"], c["chunk"], c["n"]
+    def _open(self) -> None:
         self._units = self._epoch_units()
         if self.unit > len(self._units):
             raise CursorError(f"cursor unit {self.unit} is past the end of its epoch")
@@ -246,15 +247,11 @@ class ShardedStream(Stream):
         self._rows_at = -1  # raw row the open reader yields next
         self._chunks: list[Chunk] | None = None
 
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
     def _epoch_units(self) -> list[tuple[int, int, int]]:
         if self.spec.split == "validation":
             return [(u, 0, 1) for u in range(len(self.corpus.units))]
         s = self.spec
-        return self.corpus.consumer_units(s.seed, self._epoch, s.index, s.count)
+        return self.corpus.consumer_units(s.seed, self.epoch, s.index, s.count)
 
     def _load_window(self) -> list[_Doc]:
         unit, share, shares = self._units[self.unit]
@@ -279,67 +276,40 @@ class ShardedStream(Stream):
         self._rows_at = end
         self._window_end = end
         if not want_validation and len(docs) > 1:
-            salt = np.uint64(key_hash(f"order:{self.spec.seed}:{self._epoch}"))
-            mixed = mix64(np.array([d.hash for d in docs], dtype=np.uint64) ^ salt)
-            docs = [docs[i] for i in np.argsort(mixed, kind="stable")]
+            hashes = np.array([d.hash for d in docs], dtype=np.uint64)
+            docs = [docs[i] for i in shuffle_order(hashes, self.spec.seed, self.epoch)]
         return docs
 
-    def take(self, n: int) -> list[Chunk]:
-        out: list[Chunk] = []
-        rollovers = 0
-        while (room := self._room(n - len(out))) > 0:
-            if self.unit >= len(self._units):
-                if self.spec.split == "validation":
-                    break
-                rollovers += 1
-                if rollovers > 1 and not out:
-                    raise RuntimeError(
-                        f"consumer {self.spec.describe()} has no documents in an entire epoch"
-                    )
-                self._epoch += 1
-                self._units = self._epoch_units()
-                self.unit, self.row, self.pos, self.chunk = 0, 0, 0, 0
-                self._window, self._rows, self._chunks = None, None, None
-                continue
-            if self._window is None:
-                self._window = self._load_window()
-                if not self._window:
-                    self.unit, self.row, self.pos, self.chunk = self.unit + 1, 0, 0, 0
-                    self._window, self._rows = None, None
-                    continue
-            if self.pos >= len(self._window):
-                self.row, self.pos, self.chunk = self._window_end, 0, 0
-                self._window, self._chunks = None, None
-                continue
-            if self._chunks is None:
-                self._chunks = self._chunks_of(self._window[self.pos])
-            if self.chunk >= len(self._chunks):
-                self.pos, self.chunk, self._chunks = self.pos + 1, 0, None
-                continue
-            piece = self._chunks[self.chunk : self.chunk + room]
-            out += piece
-            self.chunk += len(piece)
-            self.n += len(piece)
-        return out
+    def _epoch_done(self) -> bool:
+        return self.unit >= len(self._units)
 
-    def _chunks_of(self, doc: _Doc) -> list[Chunk]:
-        return chunk_document(doc.key, doc.text, self.corpus.chunking, self.corpus.encoder)
+    def _start_epoch(self) -> None:
+        self._units = self._epoch_units()
+        self.unit, self.row, self.pos, self.chunk = 0, 0, 0, 0
+        self._window, self._rows, self._chunks = None, None, None
 
-    def cursor(self) -> dict[str, Any]:
-        return {
-            "v": CURSOR_VERSION,
-            "fp": self.corpus.fingerprint,
-            "split": self.spec.split,
-            "seed": self.spec.seed,
-            "k": self.spec.index,
-            "K": self.spec.count,
-            "epoch": self._epoch,
-            "unit": self.unit,
-            "row": self.row,
-            "pos": self.pos,
-            "chunk": self.chunk,
-            "n": self.n,
-        }
+    def _advance(self, room: int) -> list[Chunk]:
+        if self._window is None:
+            self._window = self._load_window()
+            if not self._window:
+                self.unit, self.row, self.pos, self.chunk = self.unit + 1, 0, 0, 0
+                self._window, self._rows = None, None
+                return []
+        if self.pos >= len(self._window):
+            self.row, self.pos, self.chunk = self._window_end, 0, 0
+            self._window, self._chunks = None, None
+            return []
+        if self._chunks is None:
+            doc = self._window[self.pos]
+            self._chunks = chunk_document(
+                doc.key, doc.text, self.corpus.chunking, self.corpus.encoder
+            )
+        if self.chunk >= len(self._chunks):
+            self.pos, self.chunk, self._chunks = self.pos + 1, 0, None
+            return []
+        piece = self._chunks[self.chunk : self.chunk + room]
+        self.chunk += len(piece)
+        return piece
 
 
 def open_stream(
