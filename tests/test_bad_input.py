@@ -4,6 +4,7 @@ import orjson
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from streamgpt.server.config import LimitsConfig
 from streamgpt.server.streams import ConsumerSpec, open_stream
 
 from .helpers.servers import Client, ids
@@ -22,9 +23,8 @@ def server(serve, shakespeare):
 
 
 def _limits():
-    from streamgpt.server import Limits
 
-    return Limits(max_frame_bytes=64 << 10, max_batch_size=500)
+    return LimitsConfig(max_frame_bytes=64 << 10, max_batch_size=500)
 
 
 def error_text(reply: dict) -> str:

@@ -36,12 +36,6 @@ def test_only_the_last_chunk_of_a_document_carries_the_end_marker():
     assert Chunking().split("   \n ") == []
 
 
-@pytest.mark.parametrize("bad", [{"words": 0}, {"words": -3}, {"whitespace": "squash"}])
-def test_bad_chunking_is_refused_with_the_key(bad):
-    with pytest.raises(ValueError, match="chunk"):
-        Chunking(**bad)
-
-
 def test_sample_is_exactly_the_three_keys_eir_accepts():
     payload = SampleEncoder("text_output").encode('id"1', 'a "quoted"\ntext \u00e9')
     sample = orjson.loads(payload)

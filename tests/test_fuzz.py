@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 
-from streamgpt.server import Limits
+from streamgpt.server.config import LimitsConfig
 from streamgpt.server.protocol import REQUEST_TYPES
 from streamgpt.server.streams import ConsumerSpec, open_stream
 
@@ -87,7 +87,7 @@ def fuzz_server(shakespeare):
 
     server = RunningServer(
         StreamServer(
-            shakespeare, port=0, limits=Limits(max_frame_bytes=64 << 10, max_batch_size=32)
+            shakespeare, port=0, limits=LimitsConfig(max_frame_bytes=64 << 10, max_batch_size=32)
         )
     )
     yield server

@@ -11,14 +11,16 @@ import pytest
 from websockets.asyncio.client import connect as async_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from streamgpt.server import Limits
+from streamgpt.server.config import LimitsConfig
 from streamgpt.server.corpus import Chunking, SampleEncoder, ShardedCorpus
 
 from .helpers.servers import Client, ids
 
 
 def test_status_reports_the_limits(serve, client, shakespeare):
-    limits = Limits(max_frame_bytes=1000, max_batch_size=7, max_connections=9, idle_timeout_s=99)
+    limits = LimitsConfig(
+        max_frame_bytes=1000, max_batch_size=7, max_connections=9, idle_timeout_s=99
+    )
     server = serve(shakespeare, limits=limits)
     status = client(server.url).ask({"type": "status", "payload": {}})["payload"]
     assert status["limits"] == {
@@ -32,7 +34,7 @@ def test_status_reports_the_limits(serve, client, shakespeare):
 
 
 def test_the_connection_past_the_cap_is_refused_with_503(serve, client, shakespeare):
-    server = serve(shakespeare, limits=Limits(max_connections=3))
+    server = serve(shakespeare, limits=LimitsConfig(max_connections=3))
     held = [client(server.url) for _ in range(3)]
     with pytest.raises(InvalidStatus) as refused:
         Client(server.url)
@@ -46,7 +48,7 @@ def test_the_connection_past_the_cap_is_refused_with_503(serve, client, shakespe
 
 
 def test_a_silent_client_is_dropped_after_the_idle_timeout(serve, client, shakespeare):
-    server = serve(shakespeare, limits=Limits(idle_timeout_s=0.5))
+    server = serve(shakespeare, limits=LimitsConfig(idle_timeout_s=0.5))
     silent, chatty = client(server.url), client(server.url)
     for _ in range(8):  # 1.6 s of heartbeats, well past the timeout
         assert chatty.ask({"type": "heartbeat"}) == {"type": "heartbeat"}

@@ -9,7 +9,7 @@ from streamgpt.server import app, protocol
 from streamgpt.wire import EXTENSIONS, PROTOCOL_VERSION
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "PROTOCOL.md").read_text()
-SERVER = Path(app.__file__).read_text()
+SERVER = "".join(p.read_text() for p in Path(app.__file__).parent.glob("*.py"))
 
 
 def test_every_request_extension_and_reply_is_documented():

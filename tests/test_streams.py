@@ -2,10 +2,8 @@
 
 import pytest
 
-from streamgpt.server.app import _fill
 from streamgpt.server.corpus import Chunking, IndexedCorpus, SampleEncoder
-from streamgpt.server.protocol import ProtocolError
-from streamgpt.server.streams import ConsumerSpec, CursorError, open_stream
+from streamgpt.server.streams import ConsumerSpec, CursorError, NothingLeft, open_stream
 
 from .helpers.corpora import text
 
@@ -89,7 +87,7 @@ def test_excluding_every_sample_is_an_error_not_a_hang():
     corpus = small_indexed()
     spec = ConsumerSpec(seed=0, index=0, count=1)
     everything = set(take(open_stream(corpus, spec, max_epochs=1), 500)) - {None}
-    with pytest.raises(ProtocolError, match="every sample of an entire epoch"):
-        _fill(open_stream(corpus, spec), 4, frozenset(everything))
-    samples, cursor = _fill(open_stream(corpus, spec), 4, frozenset(list(everything)[:3]))
+    with pytest.raises(NothingLeft, match="every sample of an entire epoch"):
+        open_stream(corpus, spec).payloads(4, frozenset(everything))
+    samples, cursor = open_stream(corpus, spec).payloads(4, frozenset(list(everything)[:3]))
     assert len(samples) == 4 and cursor["n"] >= 4

@@ -9,14 +9,14 @@ import signal
 from typing import Any
 
 from streamgpt.malloc import keep_freed_memory
-from streamgpt.server.app import Limits, StreamServer
-from streamgpt.server.config import validate
+from streamgpt.server.app import StreamServer
+from streamgpt.server.config import LimitsConfig, validate
 from streamgpt.server.corpus import Chunking
 from streamgpt.server.sources import build_corpus
 
 log = logging.getLogger("streamgpt.server")
 
-__all__ = ["Limits", "StreamServer", "build_server", "run"]
+__all__ = ["StreamServer", "build_server", "run"]
 
 
 def build_server(cfg: Any) -> StreamServer:
@@ -36,7 +36,7 @@ def build_server(cfg: Any) -> StreamServer:
         output_name=cfg.output_name,
         max_epochs=cfg.end.max_epochs,
         max_samples=cfg.end.max_samples,
-        limits=Limits(**cfg.limits),
+        limits=LimitsConfig(**cfg.limits),
         token=token,
         origins=list(cfg.auth.origins) if cfg.auth.origins is not None else None,
         compression=cfg.compression,

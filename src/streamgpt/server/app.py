@@ -11,43 +11,25 @@ reader only fills its own bounded write buffer.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from typing import Any
-from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from streamgpt import __version__
-from streamgpt.server import protocol
+from streamgpt.server import gate, protocol
+from streamgpt.server.config import LimitsConfig
 from streamgpt.server.corpus import IndexedCorpus, ShardedCorpus
 from streamgpt.server.protocol import ProtocolError
-from streamgpt.server.streams import ConsumerSpec, CursorError, Stream, open_stream
+from streamgpt.server.streams import ConsumerSpec, CursorError, NothingLeft, Stream, open_stream
 from streamgpt.wire import EXTENSIONS, PROTOCOL_VERSION
 
 log = logging.getLogger("streamgpt.server")
-
-
-@dataclass
-class Limits:
-    max_frame_bytes: int = 4 << 20
-    max_batch_size: int = 4096
-    max_connections: int = 256
-    idle_timeout_s: float = 3600.0
-    max_validation_ids: int = 1_000_000
-
-    def __post_init__(self) -> None:
-        for name in ("max_frame_bytes", "max_batch_size", "max_connections", "max_validation_ids"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"limits.{name} must be positive, got {getattr(self, name)}")
-        if self.idle_timeout_s <= 0:
-            raise ValueError(f"limits.idle_timeout_s must be positive, got {self.idle_timeout_s}")
 
 
 @dataclass
@@ -77,22 +59,17 @@ class StreamServer:
         output_name: str = "text_output",
         max_epochs: int | None = None,
         max_samples: int | None = None,
-        limits: Limits | None = None,
+        limits: LimitsConfig | None = None,
         token: str | None = None,
         origins: list[str] | None = None,
         compression: bool = False,
         log_every_s: float = 30.0,
     ) -> None:
-        for name, value in (("end.max_epochs", max_epochs), ("end.max_samples", max_samples)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be a positive integer or null, got {value}")
-        if not path.startswith("/"):
-            raise ValueError(f"path must start with '/', got {path!r}")
         self.corpus = corpus
         self.host, self.port, self.path = host, port, path
         self.seed = seed
         self.max_epochs, self.max_samples = max_epochs, max_samples
-        self.limits = limits or Limits()
+        self.limits = limits or LimitsConfig()
         self.token = token or None
         self.origins = origins
         self.compression = compression
@@ -139,10 +116,6 @@ class StreamServer:
         self._started = time.monotonic()
         return self
 
-    async def serve_forever(self) -> None:
-        assert self._server is not None, "call start() first"
-        await self._server.serve_forever()
-
     async def stop(self, grace_s: float = 3.0) -> None:
         """Close every connection (1001) and stop listening; at most `grace_s` of waiting."""
         if self._ticker:
@@ -161,32 +134,9 @@ class StreamServer:
     # -- HTTP upgrade ------------------------------------------------------------------------
 
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
-        peer = _peer(conn)
-        if urlsplit(request.path).path != self.path:
-            return conn.respond(HTTPStatus.NOT_FOUND, f"no stream at this path; use {self.path}\n")
-        if self.token is not None:
-            sent = request.headers.get("Authorization")
-            if sent is None or not hmac.compare_digest(
-                sent.encode(), f"Bearer {self.token}".encode()
-            ):
-                log.warning("refused %s: %s bearer token", peer, "no" if sent is None else "wrong")
-                response = conn.respond(
-                    HTTPStatus.UNAUTHORIZED,
-                    "missing or wrong token: send the header 'Authorization: Bearer <token>'\n",
-                )
-                response.headers["WWW-Authenticate"] = "Bearer"
-                return response
         assert self._server is not None
-        if len(self._server.connections) >= self.limits.max_connections:
-            log.warning(
-                "refused %s: at the limit of %d connections", peer, self.limits.max_connections
-            )
-            return conn.respond(
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                f"the server is at its limit of {self.limits.max_connections} connections "
-                "(limits.max_connections); retry later\n",
-            )
-        return None
+        open_now = len(self._server.connections)
+        return gate.admit(conn, request, self.path, self.token, self.limits, open_now)
 
     # -- connections -------------------------------------------------------------------------
 
@@ -204,7 +154,7 @@ class StreamServer:
         await ws.close(1001, f"idle for {idle:g} s (limits.idle_timeout_s)")
 
     async def _handle(self, ws: ServerConnection) -> None:
-        session = Session(next(self._numbers), _peer(ws))
+        session = Session(next(self._numbers), gate.peer(ws))
         self._connections.add(ws)
         watchdog = asyncio.create_task(self._close_when_idle(ws, session))
         try:
@@ -363,9 +313,12 @@ class StreamServer:
         return reply
 
     async def _fill(self, stream: Stream, n: int) -> tuple[list[bytes], dict[str, Any]]:
-        if stream.blocking_io:
-            return await asyncio.to_thread(_fill, stream, n, self._validation_ids)
-        return _fill(stream, n, self._validation_ids)
+        try:
+            if stream.blocking_io:
+                return await asyncio.to_thread(stream.payloads, n, self._validation_ids)
+            return stream.payloads(n, self._validation_ids)
+        except NothingLeft as e:
+            raise ProtocolError(str(e)) from None
 
     async def _reset(self, session: Session) -> None:
         if session.stream is not None:
@@ -425,29 +378,3 @@ class StreamServer:
                     self.samples_served,
                 )
             samples, size, then = self.samples_served, self.bytes_served, now
-
-
-def _peer(conn: ServerConnection) -> str:
-    address = conn.remote_address
-    return f"{address[0]}:{address[1]}" if address else "unknown"
-
-
-def _fill(stream: Stream, n: int, exclude: frozenset[str]) -> tuple[list[bytes], dict[str, Any]]:
-    """Up to n samples from a stream, skipping validation ids; fewer only at the stream's end."""
-    out: list[bytes] = []
-    first_epoch = stream.epoch
-    while len(out) < n:
-        chunks = stream.take(n - len(out))
-        if not chunks:
-            break
-        if exclude:
-            kept = [c.payload for c in chunks if c.sample_id not in exclude]
-            if not kept and not out and stream.epoch > first_epoch + 1:
-                raise ProtocolError(
-                    f"every sample of an entire epoch is among the {len(exclude)} validation ids "
-                    "this server was given (setValidationIds); nothing is left to train on"
-                )
-            out += kept
-        else:
-            out += [c.payload for c in chunks]
-    return out, stream.cursor()

@@ -13,6 +13,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from streamgpt.server.sources import SOURCES
+from streamgpt.server.sources.files import find_files
+
 # The server's yaml config, shipped in the package (train.yaml finds source/ here too).
 CONF = Path(__file__).resolve().parent / "conf"
 
@@ -147,8 +150,6 @@ def validate(cfg: Any, prefix: str = "") -> None:
 
     `prefix` names the keys as the user wrote them (`server.` inside the training config).
     """
-    from streamgpt.server.sources import SOURCES
-
     source = cfg.source
     key = f"{prefix}source"
     require(source.name in SOURCES, f"{key}.name", f"one of {list(SOURCES)}", source.name)
@@ -169,8 +170,6 @@ def validate(cfg: Any, prefix: str = "") -> None:
     )
     require(source.min_words >= 0, f"{key}.min_words", ">= 0", source.min_words)
     if source.name == "files":
-        from streamgpt.server.sources.files import find_files
-
         find_files(list(source.paths))  # names the path that matches nothing
     if source.name == "fineweb":
         shard = source.shard_by

@@ -65,14 +65,6 @@ class Chunking:
     eot_marker: str = "<|endoftext|>"
     whitespace: str = "preserve"
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.words, int) or self.words < 1:
-            raise ValueError(f"chunk.words must be a positive integer, got {self.words!r}")
-        if self.whitespace not in ("preserve", "collapse"):
-            raise ValueError(
-                f"chunk.whitespace must be 'preserve' or 'collapse', got {self.whitespace!r}"
-            )
-
     @property
     def _pattern(self) -> re.Pattern[str]:
         return _chunk_pattern(self.words)
@@ -268,12 +260,6 @@ class ShardedCorpus:
     ) -> None:
         if not units:
             raise ValueError(f"{name}: the dataset has no data files")
-        if not 0.0 <= validation_fraction < 1.0:
-            raise ValueError(
-                f"{name}: validation_fraction must be in [0, 1), got {validation_fraction}"
-            )
-        if window < 1:
-            raise ValueError(f"{name}: shuffle_window must be at least 1, got {window}")
         self.name = name
         self.units = list(units)
         self.read_unit = read_unit

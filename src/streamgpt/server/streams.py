@@ -31,6 +31,10 @@ class CursorError(ValueError):
     """A cursor that this server did not issue, or that belongs to another consumer or corpus."""
 
 
+class NothingLeft(ValueError):
+    """Every sample of an entire epoch is excluded (held out with setValidationIds)."""
+
+
 @dataclass(frozen=True)
 class ConsumerSpec:
     seed: int
@@ -118,6 +122,27 @@ class Stream:
             out += piece
             self.n += len(piece)
         return out
+
+    def payloads(self, n: int, exclude: frozenset[str]) -> tuple[list[bytes], dict[str, Any]]:
+        """Up to n encoded samples and the cursor after them, skipping the ids in `exclude`
+        (setValidationIds); fewer only at the stream's end."""
+        out: list[bytes] = []
+        first_epoch = self.epoch
+        while len(out) < n:
+            chunks = self.take(n - len(out))
+            if not chunks:
+                break
+            if not exclude:
+                out += [c.payload for c in chunks]
+                continue
+            kept = [c.payload for c in chunks if c.sample_id not in exclude]
+            if not kept and not out and self.epoch > first_epoch + 1:
+                raise NothingLeft(
+                    f"every sample of an entire epoch is among the {len(exclude)} validation ids "
+                    "this server was given (setValidationIds); nothing is left to train on"
+                )
+            out += kept
+        return out, self.cursor()
 
     def next_chunk(self) -> Chunk | None:
         """The next chunk, or None once the stream has reached its end."""
@@ -313,15 +338,8 @@ class ShardedStream(Stream):
 
 
 def open_stream(
-    corpus: IndexedCorpus | ShardedCorpus,
-    spec: ConsumerSpec,
-    *,
-    epoch: int = 0,
-    cursor: Any = None,
-    max_epochs: int | None = None,
-    max_samples: int | None = None,
+    corpus: IndexedCorpus | ShardedCorpus, spec: ConsumerSpec, **options: Any
 ) -> Stream:
+    """Consumer `spec`'s stream of `corpus`; `options` as Stream's (epoch, cursor, the end)."""
     kind = IndexedStream if isinstance(corpus, IndexedCorpus) else ShardedStream
-    return kind(
-        corpus, spec, epoch=epoch, cursor=cursor, max_epochs=max_epochs, max_samples=max_samples
-    )
+    return kind(corpus, spec, **options)

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from streamgpt.server.corpus import Chunking, IndexedCorpus, SampleEncoder
+from streamgpt.server.sources.indexed import indexed_corpus
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -138,16 +139,6 @@ def read_documents(cfg: Any) -> tuple[list[str], list[str]]:
 
 
 def load(cfg: Any, chunking: Chunking, encoder: SampleEncoder) -> IndexedCorpus:
-    from streamgpt.server.sources import keep_documents, validation_count
-
     keys, texts = read_documents(cfg)
-    keys, texts = keep_documents(keys, texts, cfg.min_words, "files")
-    return IndexedCorpus(
-        "files",
-        keys,
-        texts,
-        chunking=chunking,
-        encoder=encoder,
-        validation_docs=validation_count(cfg, len(keys), "files"),
-        description={"source": "files", "paths": list(cfg.paths)},
-    )
+    description = {"source": "files", "paths": list(cfg.paths)}
+    return indexed_corpus("files", keys, texts, cfg, chunking, encoder, description)

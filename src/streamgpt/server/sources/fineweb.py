@@ -46,17 +46,10 @@ def _open(cfg: Any):
     ds = ds.select_columns([c for c in (cfg.text_field, cfg.id_field) if c])
     if cfg.shard_by == "row_group":
         ds = ds.reshard()
-    elif cfg.shard_by != "file":
-        raise ValueError(f"source.shard_by must be 'file' or 'row_group', got {cfg.shard_by!r}")
     return ds, where
 
 
 def load(cfg: Any, chunking: Chunking, encoder: SampleEncoder) -> ShardedCorpus:
-    if cfg.validation_docs is not None:
-        raise ValueError(
-            "the fineweb source cannot hold out an exact number of documents without reading the "
-            "whole dataset; use source.validation_fraction instead of source.validation_docs"
-        )
     ds, where = _open(cfg)
     n_units = ds.num_shards
     units = [f"{cfg.path}:{cfg.config_name}:{cfg.shard_by}:{i}/{n_units}" for i in range(n_units)]

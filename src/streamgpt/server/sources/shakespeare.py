@@ -22,6 +22,7 @@ from typing import Any
 
 from streamgpt.cache import cache_dir
 from streamgpt.server.corpus import Chunking, IndexedCorpus, SampleEncoder
+from streamgpt.server.sources.indexed import indexed_corpus
 
 log = logging.getLogger("streamgpt.server")
 
@@ -123,19 +124,9 @@ def fetch(cache: Path | None = None) -> Path:
 
 
 def load(cfg: Any, chunking: Chunking, encoder: SampleEncoder) -> IndexedCorpus:
-    from streamgpt.server.sources import keep_documents, validation_count
-
     texts = fetch()
     files = sorted(p for p in texts.iterdir() if _is_document(p.name))
     keys = [p.name.removesuffix("_gut.txt") for p in files]
     bodies = [p.read_text(encoding="utf-8") for p in files]
-    keys, bodies = keep_documents(keys, bodies, cfg.min_words, "shakespeare")
-    return IndexedCorpus(
-        "shakespeare",
-        keys,
-        bodies,
-        chunking=chunking,
-        encoder=encoder,
-        validation_docs=validation_count(cfg, len(keys), "shakespeare"),
-        description={"source": "shakespeare", "package": REQUIREMENT, "path": str(texts)},
-    )
+    description = {"source": "shakespeare", "package": REQUIREMENT, "path": str(texts)}
+    return indexed_corpus("shakespeare", keys, bodies, cfg, chunking, encoder, description)
