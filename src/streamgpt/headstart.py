@@ -119,10 +119,13 @@ class HeadStart:
             if threading.current_thread() is threading.main_thread():
                 self._previous_handler = signal.signal(SERVER_LOST, self._raise_lost)
             self.server = launch_embedded_server(self.cfg, self.run_dir)
-        # While the server starts: the checkpoint, whose run's tokenizer a resume keeps.
-        self.checkpoint = find_checkpoint(self.cfg.ckpt_path, self.cfg.resume, self.run_dir)
-        if self.checkpoint is not None:
-            adopt_run_files(self.checkpoint, self.run_dir)
+        try:  # while the server starts: the checkpoint, whose run's tokenizer a resume keeps
+            self.checkpoint = find_checkpoint(self.cfg.ckpt_path, self.cfg.resume, self.run_dir)
+            if self.checkpoint is not None:
+                adopt_run_files(self.checkpoint, self.run_dir)
+        except BaseException:
+            self.__exit__()  # a `with` whose entry fails never exits: stop the server here
+            raise
         self._thread.start()
         return self
 
@@ -133,7 +136,8 @@ class HeadStart:
             log.info("embedded stream server stopped (exit code %s)", code)
         if self._previous_handler is not None:
             signal.signal(SERVER_LOST, self._previous_handler)
-        self._thread.join(5)  # with the server gone, a thread still reading fails fast
+        if self._thread.ident is not None:  # started
+            self._thread.join(5)  # with the server gone, a thread still reading fails fast
 
     def _server_lost(self, why: str) -> None:
         """The supervisor gave up: end the run from its main thread, with the reason."""
