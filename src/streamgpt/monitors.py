@@ -11,16 +11,13 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning as L
 
 from streamgpt.atomic import write_atomic
 from streamgpt.cache import cache_dir
 from streamgpt.perf import STARTUP, peak_rss_mb
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("streamgpt")
 

@@ -116,9 +116,6 @@ class StreamDataModule(L.LightningDataModule):
 
     # -- Lightning hooks ---------------------------------------------------------------------
 
-    def check_servers(self) -> dict[str, Any]:
-        return self.streams.check_servers()
-
     def prepare_data(self) -> None:
         """Rank 0: the run's tokenizer and validation samples, unless the run folder has them."""
         self.streams.prepare()

@@ -8,6 +8,7 @@ The core protocol's shared stream is the same thing with k=0, K=1 and the server
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -56,7 +57,7 @@ def quota(max_samples: int | None, spec: ConsumerSpec) -> int | None:
     return base + (1 if spec.index < extra else 0)
 
 
-class Stream:
+class Stream(ABC):
     """A consumer's walk through a corpus: its position, the configured end, epochs rolling over,
     and the cursor that rebuilds it. Subclasses say what a position is (`POSITION`, the cursor
     fields besides epoch and n) and how to move it (`_epoch_done`, `_start_epoch`, `_advance`)."""
@@ -88,19 +89,21 @@ class Stream:
                 setattr(self, name, c[name])
         self._open()
 
+    @abstractmethod
     def _open(self) -> None:
         """Build what the position needs (and refuse a position past its epoch's end)."""
 
+    @abstractmethod
     def _epoch_done(self) -> bool:
-        raise NotImplementedError
+        """Whether the position is past the last document of its epoch."""
 
+    @abstractmethod
     def _start_epoch(self) -> None:
         """The position at the start of `self.epoch`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _advance(self, room: int) -> list[Chunk]:
         """Up to `room` chunks from the position on, or none after moving to the next document."""
-        raise NotImplementedError
 
     def take(self, n: int) -> list[Chunk]:
         """The next n chunks; fewer only when the stream reaches its end."""
