@@ -15,8 +15,9 @@ import hydra
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
+from streamgpt import config_tree
 from streamgpt.config import check_command_line, register_configs
-from streamgpt.headstart import HeadStart
+from streamgpt.headstart import HeadStart, global_rank, local_rank
 from streamgpt.malloc import keep_freed_memory
 from streamgpt.perf import STARTUP
 from streamgpt.signals import SIGNALS, Stopped
@@ -38,6 +39,8 @@ def main(cfg: DictConfig) -> float | None:
     SIGNALS.install()  # SIGINT / SIGTERM: stop now before training, after a checkpoint during it
     try:
         validate(cfg)  # before importing Lightning: a bad value costs seconds, not a long import
+        if cfg.print_config and global_rank() == 0 and local_rank() == 0:
+            config_tree.show(cfg, Path(cfg.paths.output_dir))
         STARTUP.mark("config composed and checked")
         with HeadStart(cfg) as head:  # the stream server and tokenizer, while Lightning imports
             from streamgpt.run import train

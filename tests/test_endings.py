@@ -205,7 +205,7 @@ def test_twenty_short_runs_back_to_back_all_exit_0(tmp_path):
     """Two lanes of ten (two cores): fp32 with W&B, and bf16-mixed (the report's abort) with CSV.
     Each run validates, samples and checkpoints, then exits through every teardown."""
     lanes = {
-        "32-true": ["precision=32-true", "logger=wandb", "logger.mode=offline"],
+        "32-true": ["precision=32-true", "logger=wandb", "logger.wandb.mode=offline"],
         "bf16-mixed": ["precision=bf16-mixed"],
     }
     common = ["trainer.max_steps=2", "trainer.val_every=2", "callbacks.sample_every=2"]

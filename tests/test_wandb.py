@@ -16,7 +16,7 @@ from streamgpt.loggers import run_names
 from .helpers.runs import train
 from .helpers.wandb_log import config_updates, history, records, run_info, summary
 
-WANDB = ["logger=wandb", "logger.mode=offline", "trainer.progress_bar=true"]
+WANDB = ["logger=wandb", "logger.wandb.mode=offline", "trainer.progress_bar=true"]
 
 
 def steps_of(rows: list[dict]) -> list[int]:
@@ -128,7 +128,7 @@ def test_lightning_says_each_line_once_and_no_product_tips(resumed):
 @pytest.mark.slow
 def test_log_model_uploads_the_checkpoints_as_artifacts_of_the_offline_run(tmp_path):
     run = tmp_path / "run"
-    done = train(run, "debug=default", *WANDB, "logger.log_model=true")
+    done = train(run, "debug=default", *WANDB, "logger.wandb.log_model=true")
     assert done.returncode == 0, done.stderr[-3000:]
     folder = next((run / "wandb").glob("offline-run-*"))
     models = [

@@ -19,6 +19,7 @@ from omegaconf import MISSING, OmegaConf
 from streamgpt import command_line
 from streamgpt.command_line import register_help
 from streamgpt.data.config import StreamConfig, TokenizerConfig
+from streamgpt.data.tokenizer import is_hub_name
 from streamgpt.model import GPTConfig
 from streamgpt.optim import OptimizerConfig
 from streamgpt.server.config import CONF as SERVER_CONF
@@ -58,6 +59,8 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     deterministic: Any = False
     progress_bar: bool = True
+    # null | simple | advanced | pytorch | {_target_: a lightning.pytorch.profilers class, ...}
+    profiler: Any = None
     # Any other lightning.Trainer argument, passed through as is.
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -79,17 +82,8 @@ class CallbacksConfig:
     checkpoint_every: int = 100  # a multiple of trainer.val_every when validating
     n_saved: int = 1  # best checkpoints kept by val/loss (plus last.ckpt)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
-
-
-@dataclass
-class LoggerConfig:
-    kind: str = "wandb"  # wandb | csv | none
-    project: str = "streamgpt"
-    entity: str | None = None
-    tags: list[str] = field(default_factory=list)
-    mode: str = "auto"  # auto: online when WANDB_API_KEY is set, else offline
-    # Checkpoints as W&B artifacts: false, true (the best and last at the end), all (every one).
-    log_model: Any = False
+    # Any other Lightning callback, by name: {_target_: <class>, <its arguments>} (Hydra).
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -107,7 +101,8 @@ class TrainConfig:
     # The embedded stream server, started when data.stream.url is null (serve.yaml's keys).
     server: ServeConfig = field(default_factory=ServeConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # Lightning loggers by name, each {_target_: <class>, <its arguments>} (conf/logger/).
+    logger: dict[str, Any] = field(default_factory=dict)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     task: str = "train"
@@ -116,6 +111,8 @@ class TrainConfig:
     ckpt_path: str | None = None  # continue from this checkpoint
     peak_flops: float | None = None  # per device, for perf/mfu; null: measured at start
     optimized_metric: str = "val/loss"  # what train.py returns (hyperparameter search)
+    tags: list[str] = field(default_factory=list)  # the W&B run's tags
+    print_config: bool = True  # the resolved config as a tree at the start (and in the run folder)
 
 
 def register_configs(conf_dir: Path) -> None:
@@ -155,6 +152,10 @@ def validate(cfg: Any) -> None:
     _callbacks(cfg.callbacks, cfg)
     _resume(cfg)
     _logger(cfg.logger)
+    _instantiable("callbacks.extra", cfg.callbacks.extra)
+    require(
+        all(isinstance(tag, str) and tag for tag in cfg.tags), "tags", "a list of words", cfg.tags
+    )
     _tokenizer(cfg.tokenizer, cfg.data.stream)
     require(
         cfg.peak_flops is None or cfg.peak_flops > 0,
@@ -204,6 +205,7 @@ def _stream(stream: Any) -> None:
         {
             "data.stream.valid_size": stream.valid_size,
             "data.stream.num_workers": stream.num_workers,
+            "data.stream.overfit_batches": stream.overfit_batches,
             "data.stream.retry.budget_s": stream.retry.budget_s,
         }
     )
@@ -249,6 +251,16 @@ def _trainer(trainer: Any) -> None:
         limit,
     )
     _precision(trainer.precision, accelerator)
+    profiler = trainer.profiler
+    if OmegaConf.is_dict(profiler):
+        _instantiable("trainer", {"profiler": profiler})
+    else:
+        require(
+            profiler in (None, "simple", "advanced", "pytorch"),
+            "trainer.profiler",
+            "null, simple, advanced, pytorch or {_target_: a lightning.pytorch.profilers class}",
+            profiler,
+        )
 
 
 def _precision(precision: str, accelerator: str) -> None:
@@ -309,20 +321,52 @@ def _resume(cfg: Any) -> None:
         raise ValueError(f"ckpt_path={cfg.ckpt_path}: no such file")
 
 
-def _logger(logger: Any) -> None:
-    kind, mode, log_model = logger.kind, logger.mode, logger.log_model
-    require(kind in ("wandb", "csv", "none"), "logger.kind", "wandb, csv or none", kind)
-    require(mode in ("auto", "online", "offline"), "logger.mode", "auto, online or offline", mode)
-    require(log_model in (True, False, "all"), "logger.log_model", "true, false or all", log_model)
+WANDB_LOGGER = "streamgpt.loggers.WandbLogger"
+
+
+def _instantiable(group: str, entries: Any) -> None:
+    """Every entry of a `_target_` mapping (logger, callbacks.extra) names the class to build."""
+    for key, entry in entries.items():
+        target = entry.get("_target_") if OmegaConf.is_dict(entry) else None
+        if not isinstance(target, str) or not target:
+            raise ValueError(
+                f"{group}.{key} needs a _target_ (the class to build, e.g. "
+                f"lightning.pytorch.loggers.CSVLogger) and its arguments; got {entry!r}"
+            )
+
+
+def _logger(loggers: Any) -> None:
+    _instantiable("logger", loggers)
+    for key, logger in loggers.items():
+        if logger._target_ != WANDB_LOGGER:
+            continue
+        mode, log_model = logger.get("mode", "auto"), logger.get("log_model", False)
+        require(
+            mode in ("auto", "online", "offline"),
+            f"logger.{key}.mode",
+            "auto, online or offline",
+            mode,
+        )
+        require(
+            log_model in (True, False, "all"),
+            f"logger.{key}.log_model",
+            "true, false or all",
+            log_model,
+        )
 
 
 def _tokenizer(tok: Any, stream: Any) -> None:
     require(tok.name in ("bpe", "pretrained"), "tokenizer.name", "bpe or pretrained", tok.name)
     if tok.name == "pretrained":
         if not tok.path:
-            raise ValueError("tokenizer=pretrained needs tokenizer.path=<tokenizer.json>")
-        if not Path(tok.path).is_file():
-            raise ValueError(f"tokenizer.path={tok.path}: no such file")
+            raise ValueError(
+                "tokenizer=pretrained needs tokenizer.path=<tokenizer.json, a folder holding "
+                "one, or a Hugging Face hub name such as gpt2>"
+            )
+        if not Path(tok.path).exists() and not is_hub_name(tok.path):
+            raise ValueError(
+                f"tokenizer.path={tok.path}: no such file or folder (nor a hub name such as gpt2)"
+            )
         return
     _positive({"tokenizer.min_frequency": tok.min_frequency})
     require(

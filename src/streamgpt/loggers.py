@@ -25,7 +25,8 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.loggers import CSVLogger
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
@@ -33,7 +34,7 @@ from omegaconf import DictConfig
 log = logging.getLogger("streamgpt")
 
 # Overrides that say where or how a run happens, not what it is: never part of its name.
-NOT_IN_NAME = ("resume", "ckpt_path", "paths", "logger", "hydra", "data.stream.url")
+NOT_IN_NAME = ("resume", "ckpt_path", "paths", "logger", "hydra", "data.stream.url", "tags")
 NOT_IN_NAME += ("trainer.devices", "trainer.num_nodes", "trainer.progress_bar", "hparams_search")
 NAME_LENGTH = 80
 
@@ -130,30 +131,42 @@ def checkpoint_identity(checkpoint: str | None) -> dict[str, Any]:
     return identity
 
 
+WANDB_TARGET = f"{__name__}.WandbLogger"
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path, identity: dict[str, Any]) -> list:
-    """The run's loggers; `identity` (from the checkpoint) makes a resume the same W&B run."""
-    kind = cfg.logger.kind
-    if kind == "none":
-        return []
-    if kind == "csv":
-        return [CSVLogger(run_dir, name="csv")]
-    mode = cfg.logger.mode
+    """The run's loggers, one per entry of `cfg.logger` (Hydra `_target_`s: wandb, csv,
+    tensorboard, or any Lightning logger); `identity` (from the checkpoint) makes a resume the
+    same W&B run."""
+    loggers = []
+    for key, conf in cfg.logger.items():
+        if conf._target_ == WANDB_TARGET:
+            loggers.append(_wandb(conf, identity))
+            continue
+        logger = instantiate(conf)
+        if not isinstance(logger, Logger):
+            raise ValueError(
+                f"logger.{key}: {conf._target_} is not a Lightning logger "
+                "(lightning.pytorch.loggers.Logger); see conf/logger/ for examples"
+            )
+        loggers.append(logger)
+    return loggers
+
+
+def _wandb(conf: DictConfig, identity: dict[str, Any]) -> WandbLogger:
+    """Our WandbLogger: online when WANDB_API_KEY is set (mode=auto), named after the run."""
+    mode = conf.mode
     if mode == "auto":
         mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
     group, name = run_names()
-    return [
-        WandbLogger(
-            mode=mode,
-            project=cfg.logger.project,
-            entity=cfg.logger.entity,
-            name=identity.get("name") or name,
-            group=identity.get("group") or group,
-            tags=list(cfg.logger.tags),
-            save_dir=str(run_dir),
-            id=identity.get("id"),
-            log_model=cfg.logger.log_model,
-        )
-    ]
+    return instantiate(
+        conf,
+        mode=mode,
+        name=identity.get("name") or name,
+        group=identity.get("group") or group,
+        tags=list(conf.tags),
+        id=identity.get("id"),
+    )
 
 
 # -- the record -------------------------------------------------------------------------------

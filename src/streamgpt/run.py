@@ -19,6 +19,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
@@ -160,6 +161,11 @@ def build_callbacks(
             overrides(),
         ),
     ]
+    for key, conf in cfg.callbacks.extra.items():  # any Lightning callback, from YAML
+        callback = instantiate(conf)
+        if not isinstance(callback, L.Callback):
+            raise ValueError(f"callbacks.extra.{key}: {conf._target_} is not a Lightning callback")
+        callbacks.append(callback)
     if cfg.trainer.progress_bar:
         callbacks.append(StepProgressBar())
     return callbacks
@@ -188,6 +194,7 @@ def build_trainer(
         callbacks=callbacks,
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
+        profiler=instantiate(t.profiler) if OmegaConf.is_dict(t.profiler) else t.profiler,
         default_root_dir=str(run_dir),
         **t.kwargs,
     )
@@ -229,4 +236,6 @@ def report(run_dir: Path, trainer: L.Trainer) -> list[str]:
             )
         elif type(logger).__name__ == "CSVLogger":
             lines.append(f"metrics:     {Path(logger.log_dir) / 'metrics.csv'}")
+        elif type(logger).__name__ == "TensorBoardLogger":
+            lines.append(f"TensorBoard: tensorboard --logdir {logger.root_dir}")
     return lines

@@ -37,6 +37,8 @@ class StreamConfig:
     # Write <run>/batches-rank<r>.jsonl: per trained batch, its consumer, sample ids and a hash of
     # its tokens (data provenance; two runs trained on the same data have the same lines).
     log_batches: bool = False
+    # > 0: train on the first this many batches of the stream, over and over (debug=overfit).
+    overfit_batches: int = 0
 
 
 @dataclass

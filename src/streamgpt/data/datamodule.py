@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from streamgpt.data.client import StreamError
 from streamgpt.data.consumer import close_feeds
-from streamgpt.data.dataset import StreamDataset
+from streamgpt.data.dataset import FirstBatches, StreamDataset
 from streamgpt.data.packing import Encoder, TokenPacker
 from streamgpt.data.stream_setup import StreamSetup
 
@@ -176,6 +176,8 @@ class StreamDataModule(L.LightningDataModule):
             states=states,
             phase=phase,
         )
+        if self.cfg.overfit_batches:
+            return DataLoader(FirstBatches(dataset, self.cfg.overfit_batches), batch_size=None)
         return DataLoader(
             dataset,
             batch_size=None,  # the dataset yields whole batches

@@ -3,6 +3,7 @@ main process) is one consumer (consumer.py), disjoint from every other and deter
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,3 +72,23 @@ class StreamDataset(IterableDataset):
             self.states.get(k),
         )
         yield from feed
+
+
+class FirstBatches(IterableDataset):
+    """The first `n` batches of a rank's stream, then the same ones over and over
+    (data.stream.overfit_batches, debug=overfit): a model that cannot drive their loss towards
+    zero is broken. They carry no stream state, so a resume starts again from the same batches."""
+
+    def __init__(self, stream: StreamDataset, n: int) -> None:
+        super().__init__()
+        self.stream = stream
+        self.n = n
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        feed = iter(self.stream)
+        try:
+            batches = [(b["x"], b["y"]) for b in itertools.islice(feed, self.n)]
+        finally:
+            feed.close()  # stops the consumer's thread and connection
+        while batches:
+            yield from batches

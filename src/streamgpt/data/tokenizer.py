@@ -7,7 +7,10 @@ token separates documents in packed training windows.
 
 from __future__ import annotations
 
+import re
 import shutil
+import socket
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,8 +69,9 @@ def build(cfg: Any, run_dir: Path, sample_texts: Callable[[], list[str]]) -> Pat
 def _make(cfg: Any, tmp: Path, sample_texts: Callable[[], list[str]]) -> None:
     """Write the tokenizer `cfg` asks for (checked by config.validate) to `tmp`."""
     if cfg.name == "pretrained":
-        load(cfg.path, cfg.eos_token)  # the file's content: a tokenizer, with the eos token
-        shutil.copyfile(cfg.path, tmp)
+        path = locate(cfg.path)
+        load(path, cfg.eos_token)  # the file's content: a tokenizer, with the eos token
+        shutil.copyfile(path, tmp)
         return
     texts = sample_texts()
     if not texts:
@@ -76,3 +80,60 @@ def _make(cfg: Any, tmp: Path, sample_texts: Callable[[], list[str]]) -> None:
         )
     tok = train_bpe(texts, cfg.vocab_size, cfg.min_frequency, cfg.eos_token, cfg.pad_token)
     tok.save(str(tmp))
+
+
+# -- pretrained tokenizers: a file, a folder, or a Hugging Face hub name --------------------------
+
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def is_hub_name(path: str) -> bool:
+    """'gpt2', 'openai-community/gpt2': a hub repository, not a file name (no .json, no ./)."""
+    return bool(HUB_NAME.fullmatch(path)) and not path.endswith(".json")
+
+
+def locate(path: str) -> Path:
+    """The tokenizer.json that tokenizer.path names: a file, a folder holding one (a Hugging Face
+    model folder), or a hub repository (downloaded once into the Hugging Face cache)."""
+    local = Path(path)
+    if local.is_file():
+        return local
+    if local.is_dir():
+        if not (local / "tokenizer.json").is_file():
+            raise ValueError(f"tokenizer.path={path}: the folder has no tokenizer.json")
+        return local / "tokenizer.json"
+    return _from_hub(path)
+
+
+def _from_hub(name: str) -> Path:
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+    endpoint = constants.ENDPOINT
+    try:
+        # Offline (HF_HUB_OFFLINE=1, or no answer from the hub): only the local cache.
+        offline = constants.HF_HUB_OFFLINE or not _reachable(endpoint)
+        return Path(hf_hub_download(name, "tokenizer.json", local_files_only=offline))
+    except (RepositoryNotFoundError, EntryNotFoundError) as e:
+        if not offline:
+            raise ValueError(
+                f"tokenizer.path={name}: the Hugging Face hub has no tokenizer.json for it "
+                f"({type(e).__name__}); check the name, or give a local tokenizer.json or folder"
+            ) from None
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{endpoint} does not answer"
+    raise ValueError(
+        f"tokenizer.path={name}: not a local file or folder, the Hugging Face hub cannot be "
+        f"reached ({why}) and it is not in the local Hugging Face cache; give a local "
+        "tokenizer.json or folder, or run once where the hub answers (it is cached)"
+    )
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the URL's host opens within `timeout` (DNS included)."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
