@@ -30,7 +30,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from streamgpt.config import register_configs, validate
+from streamgpt.config import gpt_fields, register_configs, validate
 from streamgpt.data import StreamDataModule
 from streamgpt.data.stream_setup import StreamSetup
 from streamgpt.flops import device_peak
@@ -107,7 +107,7 @@ def fit(cfg, run_dir: Path, datamodule, inputs: RunInputs, steps: int, server_pi
     """One fit, built as train.py builds it (run.py's callbacks and Trainer)."""
     L.seed_everything(cfg.seed)
     tokenizer = inputs.setup.tokenizer()
-    model_cfg = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "compile"}
+    model_cfg = gpt_fields(OmegaConf.to_container(cfg.model))
     model_cfg["vocab_size"] = model_cfg["vocab_size"] or pad_vocab(tokenizer.get_vocab_size())
     model = GPTModule(model_cfg, OmegaConf.to_container(cfg.optimizer), compile=cfg.model.compile)
     cfg = OmegaConf.merge(cfg, {"trainer": {"max_steps": steps}})

@@ -43,6 +43,7 @@ MODELS = "babygpt,gpt2-small" if DEVICE == "cuda" else "babygpt-tiny,streaming_t
 def load_config(name: str, vocab: int = VOCAB) -> GPTConfig:
     cfg = yaml.safe_load((CONF / f"{name}.yaml").read_text())
     cfg.pop("compile")
+    cfg.pop("init_from")
     cfg["vocab_size"] = cfg["vocab_size"] or vocab
     cfg["dropout"] = 0.0
     return GPTConfig(**cfg)

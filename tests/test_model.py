@@ -34,6 +34,7 @@ def model_configs() -> list[Path]:
 def build(path: Path, vocab: int = 8192) -> GPT:
     cfg = yaml.safe_load(path.read_text())
     cfg.pop("compile")
+    cfg.pop("init_from")
     cfg["vocab_size"] = cfg["vocab_size"] or vocab
     return GPT(GPTConfig(**cfg))
 

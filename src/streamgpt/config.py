@@ -8,7 +8,7 @@ one line per refusal naming the key and what it accepts); the code behind trusts
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from streamgpt import command_line
 from streamgpt.command_line import register_help
 from streamgpt.data.config import StreamConfig, TokenizerConfig
 from streamgpt.data.tokenizer import is_hub_name
+from streamgpt.hf_init import check_init_from
 from streamgpt.model import GPTConfig
 from streamgpt.optim import OptimizerConfig
 from streamgpt.server.config import CONF as SERVER_CONF
@@ -35,6 +36,8 @@ log = logging.getLogger("streamgpt")
 class ModelConfig(GPTConfig):
     vocab_size: int | None = None  # null: the run's tokenizer, rounded up to a multiple of 64
     compile: bool = False
+    # A local Hugging Face GPT-2 folder whose weights a fresh run starts from (hf_init.py).
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         pass  # checked by validate(), once the whole config is known
@@ -177,9 +180,17 @@ def _at_least_zero(values: dict[str, Any]) -> None:
         require(value >= 0, key, ">= 0 (0 turns it off)", value)
 
 
+def gpt_fields(model: Any) -> dict[str, Any]:
+    """The model group's GPTConfig fields (not compile or init_from, which are the run's)."""
+    names = {f.name for f in fields(GPTConfig)}
+    return {k: v for k, v in dict(model).items() if k in names}
+
+
 def _model(cfg: Any) -> None:
-    model = {k: v for k, v in cfg.model.items() if k != "compile"}
+    model = gpt_fields(cfg.model)
     GPTConfig(**{**model, "vocab_size": model["vocab_size"] or 64})  # heads, choices, ranges
+    if cfg.model.init_from:
+        check_init_from(cfg.model)
     OptimizerConfig(**cfg.optimizer)
     if cfg.data.stream.max_length > cfg.model.context:
         raise ValueError(

@@ -19,6 +19,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from streamgpt.hf_init import init_from_gpt2
 from streamgpt.model import GPT, GPTConfig
 from streamgpt.optim import OptimizerConfig, build_optimizer, build_schedule
 from streamgpt.perf import STARTUP
@@ -34,7 +35,9 @@ def pad_vocab(n: int, multiple: int = 64) -> int:
 class GPTModule(L.LightningModule):
     """`model`: GPTConfig's fields, `vocab_size` included (run.py takes it from the run's
     tokenizer; a checkpoint knows its own); `eos_token`: the tokenizer's end-of-text token, kept
-    in checkpoints for scripts/generate.py."""
+    in checkpoints for scripts/generate.py; `init_from`: a local Hugging Face GPT-2 folder the
+    model starts from (hf_init.py; run.py gives it to a fresh run only; not a hyperparameter: a
+    checkpoint never reloads it)."""
 
     def __init__(
         self,
@@ -42,9 +45,10 @@ class GPTModule(L.LightningModule):
         optimizer: dict[str, Any],
         compile: bool = False,
         eos_token: str | None = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["init_from"])
         self.optim_cfg = OptimizerConfig(**optimizer)
         self.model: GPT | None = None
         self.tokens_seen = 0
@@ -52,6 +56,10 @@ class GPTModule(L.LightningModule):
         self._val_sum = self._val_count = 0.0
         if model.get("vocab_size"):
             self._build(model)
+        if init_from:
+            if self.model is None:
+                raise ValueError("model.init_from needs model.vocab_size to build the model")
+            init_from_gpt2(self.model, init_from)
 
     # -- building ----------------------------------------------------------------------------
 

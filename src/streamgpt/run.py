@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 from streamgpt.attempts import attempt_dir, overrides, record_run
 from streamgpt.callbacks import LossCurve, SampleGenerations, StepCheckpoint, StepProgressBar
 from streamgpt.checkpoint_io import AtomicCheckpointIO
+from streamgpt.config import gpt_fields
 from streamgpt.data import StreamDataModule
 from streamgpt.endings import GracefulStop, StreamEndSync
 from streamgpt.flops import Peak, device_peak
@@ -58,13 +59,14 @@ def train(cfg: DictConfig, head: HeadStart) -> float | None:
         STARTUP.mark("waiting for the stream server, tokenizer and validation samples")
         tokenizer = inputs.setup.tokenizer()
         datamodule = StreamDataModule(inputs.stream, cfg.tokenizer, run_dir, setup=inputs.setup)
-        model_cfg = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "compile"}
+        model_cfg = gpt_fields(OmegaConf.to_container(cfg.model))
         model_cfg["vocab_size"] = model_cfg["vocab_size"] or pad_vocab(tokenizer.get_vocab_size())
         model = GPTModule(
             model_cfg,
             OmegaConf.to_container(cfg.optimizer),
             compile=cfg.model.compile,
             eos_token=cfg.tokenizer.eos_token,
+            init_from=fresh_init(cfg.model.init_from, inputs.checkpoint),
         )
         peak = device_peak(compute_device(cfg), cfg.trainer.precision, cfg.peak_flops)
         log.info("perf/mfu is measured against %.4g FLOP/s: %s", peak.flops, peak.source)
@@ -87,6 +89,14 @@ def train(cfg: DictConfig, head: HeadStart) -> float | None:
         finish_loggers(loggers, exit_code)
         if summary:  # last, below W&B's own closing lines
             print("\n" + "\n".join(summary), flush=True)
+
+
+def fresh_init(init_from: str | None, checkpoint: str | None) -> str | None:
+    """model.init_from for a fresh run; a resume's weights are its checkpoint's."""
+    if init_from and checkpoint:
+        log.info("resuming from %s: model.init_from=%s is not loaded", checkpoint, init_from)
+        return None
+    return init_from
 
 
 def compute_device(cfg: DictConfig) -> torch.device:
