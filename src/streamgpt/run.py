@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
 from streamgpt.attempts import attempt_dir, overrides, record_run
+from streamgpt.bpb import token_byte_lengths
 from streamgpt.callbacks import LossCurve, SampleGenerations, StepCheckpoint, StepProgressBar
 from streamgpt.checkpoint_io import AtomicCheckpointIO
 from streamgpt.data import StreamDataModule
@@ -65,6 +66,7 @@ def train(cfg: DictConfig, head: HeadStart) -> float | None:
             compile=cfg.model.compile,
             eos_token=cfg.tokenizer.eos_token,
         )
+        model.set_token_bytes(token_byte_lengths(tokenizer))  # for val/bpb
         peak = device_peak(compute_device(cfg), cfg.trainer.precision, cfg.peak_flops)
         log.info("perf/mfu is measured against %.4g FLOP/s: %s", peak.flops, peak.source)
         STARTUP.mark("model object and peak FLOP/s (for perf/mfu)")
