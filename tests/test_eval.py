@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from streamgpt.bpb import token_byte_lengths
 from streamgpt.data.tokenizer import train_bpe
 from streamgpt.evaluation.config import register_configs, validate
+from streamgpt.evaluation.figures import choose_checkpoint
 from streamgpt.evaluation.task import evaluate
 from streamgpt.lit_module import pad_vocab
 from streamgpt.model import GPT, GPTConfig
@@ -115,6 +116,20 @@ def test_files_on_disk_and_the_same_files_streamed_by_a_files_server_score_the_s
     figures = ("loss", "bpb", "tokens", "bytes", "sequences")
     assert {k: streamed[k] for k in figures} == pytest.approx({k: on_disk[k] for k in figures})
     assert streamed["data"]["kind"] == "stream" and on_disk["data"]["kind"] == "files"
+
+
+def test_a_run_folder_means_its_last_checkpoint_or_with_checkpoint_best_the_best(
+    fake_run, tmp_path
+):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    last = fake_run / "checkpoints" / "last.ckpt"
+    for name in ("last", "step=0000003-val_loss=5.2500", "step=0000006-val_loss=5.1250"):
+        (run / "checkpoints" / f"{name}.ckpt").write_bytes(last.read_bytes())
+    assert choose_checkpoint(run, "last") == run / "checkpoints" / "last.ckpt"
+    best = run / "checkpoints" / "step=0000006-val_loss=5.1250.ckpt"
+    assert choose_checkpoint(run, "best") == choose_checkpoint(run / "checkpoints", "best") == best
+    assert choose_checkpoint(best, "last") == best, "a file is taken as given"
 
 
 @pytest.mark.parametrize(
