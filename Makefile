@@ -6,10 +6,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Extra arguments for serve/train, e.g. `make serve ARGS="port=8765 source=files source.paths=[corpus/]"`.
+# Extra arguments for serve/train/eval, e.g. `make serve ARGS="port=8765 source=files source.paths=[corpus/]"`.
 ARGS ?=
 
-.PHONY: help install data serve train test test-fast lint bench clean
+.PHONY: help install data serve train eval test test-fast lint bench clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ serve: data ## Run the stream server in the foreground (ARGS="port=8765 source=f
 
 train: data ## Train the CPU demo on the embedded corpus
 	$(PY) train.py $(ARGS)
+
+eval: install ## Evaluate a checkpoint: ARGS="ckpt_path=outputs/train/runs/<run> [data.files=[a.txt]]"
+	$(PY) eval.py $(ARGS)
 
 test: data ## Run every test, slow ones included
 	$(PY) -m pytest tests

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 import shutil
 import subprocess
@@ -92,6 +93,18 @@ def test_checkpoints_keep_the_best_plus_last_and_load(trained):
     assert not any(f.endswith(".tmp") for f in files)
     loaded = GPTModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
     assert loaded.hparams.model["vocab_size"] % 64 == 0
+
+
+def test_validation_logs_bits_per_byte_and_checkpoints_do_not_keep_the_byte_table(trained):
+    run, trainer, _ = trained
+    loss, bpb = (
+        float(trainer.callback_metrics["val/loss"]),
+        float(trainer.callback_metrics["val/bpb"]),
+    )
+    # Tokens of this vocabulary average well over one byte: fewer bits per byte than per token.
+    assert math.isfinite(bpb) and 0 < bpb < loss / math.log(2)
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert not [k for k in state["state_dict"] if "token_bytes" in k]
 
 
 def test_a_crash_mid_write_leaves_the_previous_checkpoint_intact(tmp_path):

@@ -1,7 +1,8 @@
 """GPTModule: the GPT of model.py (BabyGPT, GPT-2 small) trained by Lightning, with the metrics
 a researcher reads.
 
-Logs train/loss, val/loss, val/ppl, lr and tokens_seen, all at the trainer's global step (the
+Logs train/loss, val/loss, val/ppl, val/bpb (bits per byte, bpb.py; once run.py hands over the
+tokenizer's byte lengths), lr and tokens_seen, all at the trainer's global step (the
 `step` it logs beside them is the step Lightning hands its loggers); monitors.ThroughputMonitor
 adds perf/tokens_per_s and perf/mfu. With `compile=True` the forward pass is `torch.compile`d, but
 the compiled wrapper is kept out of the module tree: checkpoints hold plain `model.*` keys and
@@ -19,6 +20,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from streamgpt.bpb import bits_per_byte, nll_sums
 from streamgpt.hf_init import init_from_gpt2
 from streamgpt.model import GPT, GPTConfig
 from streamgpt.optim import OptimizerConfig, build_optimizer, build_schedule
@@ -54,6 +56,10 @@ class GPTModule(L.LightningModule):
         self.tokens_seen = 0
         self.hooks_done: float | None = None
         self._val_sum = self._val_count = 0.0
+        self._val_bytes: torch.Tensor | None = None  # bpb.nll_sums, summed over the batches
+        # Bytes per token id, for val/bpb (set_token_bytes). Not persistent: checkpoints are
+        # unchanged by it, and ones written before it existed load as they did.
+        self.register_buffer("token_bytes", None, persistent=False)
         if model.get("vocab_size"):
             self._build(model)
         if init_from:
@@ -77,6 +83,10 @@ class GPTModule(L.LightningModule):
         if self.model is None:
             raise ValueError("GPTModule needs model.vocab_size (the run's tokenizer's, padded)")
         STARTUP.mark("model build")
+
+    def set_token_bytes(self, byte_lengths: torch.Tensor) -> None:
+        """The UTF-8 bytes of each token id (bpb.token_byte_lengths): validation logs val/bpb."""
+        self.token_bytes = byte_lengths.to(torch.int64)
 
     @property
     def gpt(self) -> GPT:
@@ -109,26 +119,33 @@ class GPTModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum = self._val_count = 0.0
+        self._val_bytes = None
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
-        _, loss = self(x, y)
+        logits, loss = self(x, y)
         self._val_sum += loss.detach() * x.size(0)
         self._val_count += x.size(0)
+        if self.token_bytes is not None:
+            sums = nll_sums(logits.detach(), y, self.token_bytes)
+            self._val_bytes = sums if self._val_bytes is None else self._val_bytes + sums
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_count:
             return
+        sums = [torch.as_tensor(self._val_sum), torch.as_tensor(float(self._val_count))]
+        if self._val_bytes is not None:  # NLL of the byte-bearing targets, and their bytes
+            sums += [self._val_bytes[2].float(), self._val_bytes[3].float()]
+        # One reduction across ranks for all of them, in float32 as val/loss always was.
         total = self.trainer.strategy.reduce(
-            torch.stack(
-                [torch.as_tensor(self._val_sum), torch.as_tensor(float(self._val_count))]
-            ).to(self.device),
-            reduce_op="sum",
+            torch.stack([s.to(self.device, torch.float32) for s in sums]), reduce_op="sum"
         )
         loss = (total[0] / total[1]).item()
         # Perplexity of the mean loss (not the mean of per-batch perplexities).
         self.log("val/loss", loss, sync_dist=False)
         self.log("val/ppl", math.exp(min(loss, 50.0)), sync_dist=False)
+        if len(sums) == 4:
+            self.log("val/bpb", bits_per_byte(total[2].item(), total[3].item()), sync_dist=False)
         self.log("step", float(self.global_step), sync_dist=False)
 
     # -- optimizer ---------------------------------------------------------------------------

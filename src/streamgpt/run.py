@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
 from streamgpt.attempts import attempt_dir, overrides, record_run
+from streamgpt.bpb import token_byte_lengths
 from streamgpt.callbacks import LossCurve, SampleGenerations, StepCheckpoint, StepProgressBar
 from streamgpt.checkpoint_io import AtomicCheckpointIO
 from streamgpt.config import gpt_fields
@@ -68,6 +69,7 @@ def train(cfg: DictConfig, head: HeadStart) -> float | None:
             eos_token=cfg.tokenizer.eos_token,
             init_from=fresh_init(cfg.model.init_from, inputs.checkpoint),
         )
+        model.set_token_bytes(token_byte_lengths(tokenizer))  # for val/bpb
         peak = device_peak(compute_device(cfg), cfg.trainer.precision, cfg.peak_flops)
         log.info("perf/mfu is measured against %.4g FLOP/s: %s", peak.flops, peak.source)
         STARTUP.mark("model object and peak FLOP/s (for perf/mfu)")

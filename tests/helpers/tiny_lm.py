@@ -9,6 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from streamgpt.bpb import token_byte_lengths
 from streamgpt.data import StreamDataModule, TokenizerConfig
 from streamgpt.lit_module import GPTModule, pad_vocab
 
@@ -66,4 +67,5 @@ def small_gpt(url: str, run: Path) -> tuple[StreamDataModule, GPTModule]:
         },
         {"name": "adamw", "lr": 1e-3, "warmup_steps": 2},
     )
+    model.set_token_bytes(token_byte_lengths(dm.tokenizer))  # as run.py does: val/bpb
     return dm, model

@@ -1,0 +1,65 @@
+"""Bits per byte: a language model's loss in a unit that does not depend on its tokenizer.
+
+    bpb = sum of NLL (nats) over predicted target tokens / (ln 2 x the UTF-8 bytes they stand for)
+
+A tokenizer with longer tokens has fewer, harder targets: its loss per token is higher for the
+same model quality, so val/loss of runs with different vocabularies cannot be compared. The text's
+bytes are the same whatever cut it into tokens, so bits per byte can.
+
+Targets that stand for no bytes (special tokens: end-of-text, pad) are left out of both sums, as
+nanochat does: they are not text, and a tokenizer that marks documents differently must not score
+differently for it. The end-of-text token's NLL still counts in val/loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, pre_tokenizers
+
+LN2 = math.log(2)
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
+    """The UTF-8 bytes each token id stands for (int64, one entry per id), 0 for special tokens.
+
+    In a byte-level BPE every character of a token's string is one byte (GPT-2's ByteLevel
+    alphabet maps the 256 bytes to 256 printable characters); a token of another kind of
+    tokenizer is measured by its decoded text.
+    """
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    lengths = []
+    for i in range(tokenizer.get_vocab_size()):
+        piece = tokenizer.id_to_token(i)
+        if i in special or piece is None:
+            lengths.append(0)
+        elif all(c in alphabet for c in piece):
+            lengths.append(len(piece))
+        else:
+            lengths.append(len(tokenizer.decode([i], skip_special_tokens=False).encode()))
+    return torch.tensor(lengths, dtype=torch.int64)
+
+
+def nll_sums(
+    logits: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor
+) -> torch.Tensor:
+    """[NLL of every target, targets, NLL of the targets that stand for bytes, their bytes]
+    (float64, summed over the batch): what a loss and a bits per byte are made of, and what is
+    summed across batches and ranks before dividing."""
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    nbytes = byte_lengths[targets.flatten()]
+    return torch.stack(
+        [
+            nll.sum().double(),
+            torch.tensor(float(nll.numel()), dtype=torch.float64, device=nll.device),
+            (nll * (nbytes > 0)).sum().double(),
+            nbytes.sum().double(),
+        ]
+    )
+
+
+def bits_per_byte(nll_of_byte_targets: float, n_bytes: float) -> float:
+    return nll_of_byte_targets / (LN2 * n_bytes) if n_bytes else math.nan

@@ -1,0 +1,121 @@
+"""The checkpoint to evaluate, the model rebuilt from it alone, and the figures it scores.
+
+A run folder's checkpoint is `last.ckpt` by default (the weights the run ended with, which its
+last validation scored), or with checkpoint=best the best by val/loss (its file name says it).
+The model comes from the checkpoint's hyper_parameters and weights, the tokenizer from the run's
+tokenizer.json; the packing (max_length, batch_size, limit_val_batches) from the run's
+config_resolved.yaml when the run folder has one.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from streamgpt.bpb import bits_per_byte, nll_sums
+from streamgpt.checkpoints import readable
+from streamgpt.model import GPT, GPTConfig
+
+DEFAULT_EOS = "<|endoftext|>"
+
+
+def choose_checkpoint(path: str | Path, which: str) -> Path:
+    """The checkpoint file `ckpt_path` names: itself, or a run folder's last or best."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file or run folder")
+    if path.is_dir():
+        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        ranked = sorted(
+            folder.glob("step=*-val_loss=*.ckpt"), key=lambda p: float(p.stem.split("=")[-1])
+        )
+        if which == "best" and ranked:
+            path = ranked[0]
+        elif (folder / "last.ckpt").is_file():
+            path = folder / "last.ckpt"
+        else:
+            found = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+            if not found:
+                raise FileNotFoundError(
+                    f"{folder} has no checkpoints (*.ckpt): train the run further, or give "
+                    "ckpt_path=<file.ckpt>"
+                )
+            path = found[-1]
+    problem = readable(path)
+    if problem:
+        raise ValueError(f"cannot evaluate ckpt_path={path}: {problem}")
+    return path
+
+
+def run_folder(checkpoint: Path) -> Path:
+    """The run a checkpoint belongs to: <run>/checkpoints/<file>, else the file's own folder."""
+    folder = checkpoint.resolve().parent
+    return folder.parent if folder.name == "checkpoints" else folder
+
+
+def run_settings(run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """How the run packed and validated: from its config_resolved.yaml, else the defaults."""
+    model = state["hyper_parameters"]["model"]
+    eos = (state.get("tokenizer") or {}).get("eos_token") or DEFAULT_EOS
+    settings = {
+        "max_length": model["context"],
+        "batch_size": 32,
+        "limit_val_batches": 1.0,
+        "eos_token": eos,
+        "server_eot": None,  # the run's server's end-of-document marker, when it is known
+    }
+    resolved = run_dir / "config_resolved.yaml"
+    if resolved.is_file():
+        cfg = OmegaConf.load(resolved)
+        stream = cfg.data.stream
+        settings |= {
+            "max_length": stream.max_length,
+            "batch_size": stream.batch_size,
+            "limit_val_batches": cfg.trainer.limit_val_batches,
+            "eos_token": cfg.tokenizer.eos_token,
+        }
+        if not stream.url:  # the embedded server, whose config the run kept
+            settings["server_eot"] = OmegaConf.select(cfg, "server.chunk.eot_marker")
+    return settings
+
+
+def load_model(state: dict[str, Any], device: torch.device) -> GPT:
+    """The GPT of a checkpoint: its hyper_parameters and its weights, nothing else."""
+    model = GPT(GPTConfig(**state["hyper_parameters"]["model"]))
+    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
+    model.load_state_dict(weights)
+    return model.to(device).eval()
+
+
+def device_of(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.inference_mode()
+def score(
+    model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]], byte_lengths: torch.Tensor
+) -> dict[str, Any]:
+    """Loss (mean NLL per target token, nats), perplexity, bits per byte and their counts."""
+    device = next(model.parameters()).device
+    byte_lengths = byte_lengths.to(device)
+    sums = torch.zeros(4, dtype=torch.float64)
+    sequences = 0
+    for x, y in batches:
+        logits, _ = model(x.to(device))
+        sums += nll_sums(logits, y.to(device), byte_lengths).cpu()
+        sequences += x.size(0)
+    loss = (sums[0] / sums[1]).item()
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50.0)),
+        "bpb": bits_per_byte(sums[2].item(), sums[3].item()),
+        "tokens": int(sums[1].item()),
+        "bytes": int(sums[3].item()),
+        "sequences": sequences,
+    }
