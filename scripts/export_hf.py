@@ -15,7 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from streamgpt.hf import export, pick_checkpoint
+from streamgpt.checkpoints import run_checkpoint
+from streamgpt.hf import export
 
 
 def main() -> None:
@@ -25,16 +26,15 @@ def main() -> None:
     parser.add_argument(
         "path",
         type=Path,
-        help="a run folder (or its checkpoints/), or a .ckpt. In a folder: the best-ranked\n"
-        "checkpoint (lowest val/loss in its name, step=...-val_loss=....ckpt); last.ckpt\n"
-        "with --which last or when the run had no validation",
+        help="a run folder (or its checkpoints/), or a .ckpt. In a folder: last.ckpt (what the\n"
+        "run ended with), or with --which best the lowest val/loss in a checkpoint's name",
     )
-    parser.add_argument("--which", choices=["best", "last"], default="best")
+    parser.add_argument("--which", choices=["last", "best"], default="last")
     parser.add_argument("--out", type=Path, help="default: <run folder>/hf")
     parser.add_argument("--tokenizer", type=Path, help="default: the run's tokenizer.json")
     args = parser.parse_args()
     try:
-        checkpoint = pick_checkpoint(args.path, args.which)
+        checkpoint = run_checkpoint(args.path, args.which)
         out = args.out or checkpoint.resolve().parent.parent / "hf"
         name = export(checkpoint, out, args.tokenizer)
     except (ValueError, FileNotFoundError) as e:

@@ -17,38 +17,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from streamgpt.model import GPT, GPTConfig
-
-
-def find_checkpoint(path: Path, which: str) -> Path:
-    if path.is_file():
-        return path
-    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    if which == "last" and (folder / "last.ckpt").exists():
-        return folder / "last.ckpt"
-    ranked = sorted(
-        folder.glob("step=*-val_loss=*.ckpt"), key=lambda p: float(p.stem.split("=")[-1])
-    )
-    candidates = ranked or sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)[::-1]
-    if not candidates:
-        sys.exit(f"error: no checkpoint (*.ckpt) in {folder}")
-    return candidates[0]
-
-
-def load(checkpoint: Path, device: str) -> tuple[GPT, str]:
-    try:
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        cfg = GPTConfig(**state["hyper_parameters"]["model"])
-    except Exception as e:
-        sys.exit(
-            f"error: cannot read checkpoint {checkpoint} ({type(e).__name__}: {e}); it may be "
-            "truncated or not a streamgpt checkpoint: pick another from the run's checkpoints/"
-        )
-    model = GPT(cfg)
-    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
-    model.load_state_dict(weights)
-    eos_token = state.get("tokenizer", {}).get("eos_token", "<|endoftext|>")
-    return model.to(device).eval(), eos_token
+from streamgpt.checkpoints import load_gpt, run_checkpoint
 
 
 def main() -> None:
@@ -66,14 +35,18 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    checkpoint = find_checkpoint(args.path, args.which)
+    try:
+        checkpoint = run_checkpoint(args.path, args.which)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
     tokenizer_path = args.tokenizer or checkpoint.parent.parent / "tokenizer.json"
     if not tokenizer_path.exists():
         sys.exit(
             f"error: no tokenizer at {tokenizer_path}; pass --tokenizer path/to/tokenizer.json"
         )
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    model, eos_token = load(checkpoint, args.device)
+    model, state = load_gpt(checkpoint, args.device)
+    eos_token = state.get("tokenizer", {}).get("eos_token", "<|endoftext|>")
     eos = tokenizer.token_to_id(eos_token)
     prompts = list(args.prompt)
     if args.prompts_file:

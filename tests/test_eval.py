@@ -18,9 +18,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from streamgpt.bpb import token_byte_lengths
+from streamgpt.checkpoints import run_checkpoint
 from streamgpt.data.tokenizer import train_bpe
 from streamgpt.evaluation.config import register_configs, validate
-from streamgpt.evaluation.figures import choose_checkpoint
 from streamgpt.evaluation.task import evaluate
 from streamgpt.lit_module import pad_vocab
 from streamgpt.model import GPT, GPTConfig
@@ -126,10 +126,10 @@ def test_a_run_folder_means_its_last_checkpoint_or_with_checkpoint_best_the_best
     last = fake_run / "checkpoints" / "last.ckpt"
     for name in ("last", "step=0000003-val_loss=5.2500", "step=0000006-val_loss=5.1250"):
         (run / "checkpoints" / f"{name}.ckpt").write_bytes(last.read_bytes())
-    assert choose_checkpoint(run, "last") == run / "checkpoints" / "last.ckpt"
+    assert run_checkpoint(run, "last") == run / "checkpoints" / "last.ckpt"
     best = run / "checkpoints" / "step=0000006-val_loss=5.1250.ckpt"
-    assert choose_checkpoint(run, "best") == choose_checkpoint(run / "checkpoints", "best") == best
-    assert choose_checkpoint(best, "last") == best, "a file is taken as given"
+    assert run_checkpoint(run, "best") == run_checkpoint(run / "checkpoints", "best") == best
+    assert run_checkpoint(best, "last") == best, "a file is taken as given"
 
 
 @pytest.mark.parametrize(

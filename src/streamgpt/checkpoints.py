@@ -6,8 +6,11 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from streamgpt.model import GPT, GPTConfig
 
 log = logging.getLogger("streamgpt")
 
@@ -67,3 +70,49 @@ def adopt_run_files(checkpoint: str, run_dir: Path) -> None:
         if (source / name).exists() and not (run_dir / name).exists():
             run_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy(source / name, run_dir / name)
+
+
+# -- a trained run's checkpoint, for the tools after training (eval, export, generate) ----------
+
+WHICH = ("last", "best")
+
+
+def run_checkpoint(path: str | Path, which: str = "last") -> Path:
+    """The checkpoint a path names, checked: a .ckpt file as given; in a run folder (or its
+    checkpoints/) `last.ckpt` (what the run ended with) or, with which='best', the lowest val/loss
+    in a file name (step=...-val_loss=....ckpt; last.ckpt when the run had no validation).
+    FileNotFoundError when there is none, ValueError when it is truncated or not a checkpoint."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint file or run folder")
+    if path.is_dir():
+        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        ranked = sorted(
+            folder.glob("step=*-val_loss=*.ckpt"), key=lambda p: float(p.stem.split("=")[-1])
+        )
+        newest = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if which == "best" and ranked:
+            path = ranked[0]
+        elif (folder / "last.ckpt").is_file():
+            path = folder / "last.ckpt"
+        elif newest:
+            path = newest[-1]
+        else:
+            raise FileNotFoundError(
+                f"{folder} has no checkpoints (*.ckpt): train the run further, or give a .ckpt"
+            )
+    problem = readable(path)
+    if problem:
+        raise ValueError(f"{problem}; pick another checkpoint of the run (or its last.ckpt)")
+    return path
+
+
+def load_gpt(path: Path, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:
+    """The GPT of a checkpoint (its hyper_parameters and weights, nothing else), in eval mode,
+    and the checkpoint's state (global_step, tokenizer, W&B identity, ...)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = GPT(GPTConfig(**state["hyper_parameters"]["model"]))
+    weights = state["state_dict"]
+    weights = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+    model.load_state_dict(weights)
+    return model.to(device).eval(), state

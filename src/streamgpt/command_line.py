@@ -35,21 +35,24 @@ class Group:
 
 
 def groups(conf_dirs: list[Path], config_name: str) -> list[Group]:
-    """The config groups that `config_name` (in the first of `conf_dirs`) uses, each found in
-    the first of `conf_dirs` that has it (Hydra's own excluded)."""
+    """The config groups that `config_name` (in the first of `conf_dirs`) uses, with the options
+    of every one of `conf_dirs` (the search path; Hydra's own groups excluded)."""
     defaults: dict[str, tuple[str | None, str | None]] = {}
     for entry in OmegaConf.load(conf_dirs[0] / f"{config_name}.yaml").get("defaults", []):
         if isinstance(entry, str) or not hasattr(entry, "items"):
             continue
         for key, value in entry.items():
-            name, _, package = str(key).removeprefix("override ").partition("@")
+            key = str(key).removeprefix("override ").removeprefix("optional ")
+            name, _, package = key.partition("@")
             defaults[name] = (package or None, value)
     found = []
     for name, (package, default) in defaults.items():
-        folder = next((d / name for d in conf_dirs if (d / name).is_dir()), None)
-        if name.startswith("hydra") or folder is None:
+        folders = [d / name for d in conf_dirs if (d / name).is_dir()]
+        if name.startswith("hydra") or not folders:
             continue
-        options = sorted(p.stem for p in folder.glob("*.yaml"))
+        options = sorted({p.stem for folder in folders for p in folder.glob("*.yaml")})
+        if not options:  # conf/local/ before anyone put a config there
+            continue
         found.append(Group(name, package, options, default))
     return found
 
@@ -156,6 +159,30 @@ def check_overrides(
     return None
 
 
+def searched(overrides: list[str]) -> list[Path]:
+    """The folders a `hydra.searchpath=[...]` override adds (file:// and pkg:// entries): their
+    config groups' options exist too."""
+    import importlib.resources
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    folders: list[Path] = []
+    for override in overrides:
+        if not override.startswith("hydra.searchpath="):
+            continue
+        try:
+            entries = OverridesParser.create().parse_override(override).value()
+        except Exception:  # a syntax error: Hydra says it best
+            continue
+        for entry in entries if isinstance(entries, list) else [entries]:
+            scheme, _, where = str(entry).rpartition("://")
+            if scheme == "pkg":
+                folders.append(Path(str(importlib.resources.files(where.replace("/", ".")))))
+            elif scheme in ("", "file"):
+                folders.append(Path(where))
+    return folders
+
+
 def check_command_line(
     conf_dirs: list[Path], config_name: str, schema: type, sources: dict[str, type], argv: list[str]
 ) -> None:
@@ -163,7 +190,11 @@ def check_command_line(
     from hydra._internal.utils import get_args_parser
 
     args, _ = get_args_parser().parse_known_args(argv)
-    problem = check_overrides(conf_dirs, config_name, schema, args.overrides or [], sources)
+    overrides = args.overrides or []
+    conf_dirs = [*conf_dirs, *searched(overrides)]
+    if args.config_dir:  # --config-dir: a folder Hydra adds to the search path
+        conf_dirs.append(Path(args.config_dir))
+    problem = check_overrides(conf_dirs, config_name, schema, overrides, sources)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

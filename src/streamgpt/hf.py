@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import yaml
 
-from streamgpt.checkpoints import readable
+from streamgpt.checkpoints import load_gpt
 from streamgpt.model import GPTConfig, RMSNorm
 
 log = logging.getLogger("streamgpt")
@@ -79,42 +79,12 @@ def architecture(cfg: GPTConfig) -> str:
 # -- reading a run --------------------------------------------------------------------------------
 
 
-def pick_checkpoint(path: Path, which: str = "best") -> Path:
-    """`path` itself if a file; in a run folder (or its checkpoints/), the best-ranked checkpoint
-    (lowest val/loss in its name) with which='best', else (or without validation) last.ckpt."""
-    path = Path(path)
-    if path.is_file() or path.suffix == ".ckpt":
-        return path
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such run folder or checkpoint")
-    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    ranked = sorted(
-        folder.glob("step=*-val_loss=*.ckpt"), key=lambda p: float(p.stem.split("=")[-1])
-    )
-    if which == "best" and ranked:
-        return ranked[0]
-    if (folder / "last.ckpt").exists():
-        return folder / "last.ckpt"
-    newest = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not newest:
-        raise FileNotFoundError(f"no checkpoint (*.ckpt) in {folder}")
-    return newest[-1]
-
-
 def read_checkpoint(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], str]:
     """The model's config, its weights (our names) and the end-of-text token of a checkpoint."""
-    problem = readable(path)
-    if problem:
-        raise ValueError(f"cannot export: {problem}; pass another checkpoint (a .ckpt)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = GPTConfig(**state["hyper_parameters"]["model"])
-    weights = {
-        k.removeprefix("model."): v.float()
-        for k, v in state["state_dict"].items()
-        if k.startswith("model.")
-    }
+    model, state = load_gpt(path)
+    weights = {k: v.float() for k, v in model.state_dict().items()}
     eos = state.get("tokenizer", {}).get("eos_token") or "<|endoftext|>"
-    return cfg, weights, eos
+    return model.cfg, weights, eos
 
 
 def run_pad_token(run_dir: Path) -> str | None:

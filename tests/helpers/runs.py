@@ -49,7 +49,11 @@ def command(run: Path, *overrides: str, small: bool = True) -> list[str]:
 
 
 def train(
-    run: Path, *overrides: str, timeout: float = 900, small: bool = True
+    run: Path,
+    *overrides: str,
+    timeout: float = 900,
+    small: bool = True,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
         command(run, *overrides, small=small),
@@ -57,7 +61,7 @@ def train(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=environment(),
+        env=environment(**(env or {})),
     )
 
 

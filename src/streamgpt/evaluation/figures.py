@@ -1,7 +1,7 @@
 """The checkpoint to evaluate, the model rebuilt from it alone, and the figures it scores.
 
 A run folder's checkpoint is `last.ckpt` by default (the weights the run ended with, which its
-last validation scored), or with checkpoint=best the best by val/loss (its file name says it).
+last validation scored), or with checkpoint=best the best by val/loss (checkpoints.run_checkpoint).
 The model comes from the checkpoint's hyper_parameters and weights, the tokenizer from the run's
 tokenizer.json; the packing (max_length, batch_size, limit_val_batches) from the run's
 config_resolved.yaml when the run folder has one.
@@ -17,38 +17,9 @@ import torch
 from omegaconf import OmegaConf
 
 from streamgpt.bpb import bits_per_byte, nll_sums
-from streamgpt.checkpoints import readable
-from streamgpt.model import GPT, GPTConfig
+from streamgpt.model import GPT
 
 DEFAULT_EOS = "<|endoftext|>"
-
-
-def choose_checkpoint(path: str | Path, which: str) -> Path:
-    """The checkpoint file `ckpt_path` names: itself, or a run folder's last or best."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file or run folder")
-    if path.is_dir():
-        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        ranked = sorted(
-            folder.glob("step=*-val_loss=*.ckpt"), key=lambda p: float(p.stem.split("=")[-1])
-        )
-        if which == "best" and ranked:
-            path = ranked[0]
-        elif (folder / "last.ckpt").is_file():
-            path = folder / "last.ckpt"
-        else:
-            found = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-            if not found:
-                raise FileNotFoundError(
-                    f"{folder} has no checkpoints (*.ckpt): train the run further, or give "
-                    "ckpt_path=<file.ckpt>"
-                )
-            path = found[-1]
-    problem = readable(path)
-    if problem:
-        raise ValueError(f"cannot evaluate ckpt_path={path}: {problem}")
-    return path
 
 
 def run_folder(checkpoint: Path) -> Path:
@@ -81,14 +52,6 @@ def run_settings(run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
         if not stream.url:  # the embedded server, whose config the run kept
             settings["server_eot"] = OmegaConf.select(cfg, "server.chunk.eot_marker")
     return settings
-
-
-def load_model(state: dict[str, Any], device: torch.device) -> GPT:
-    """The GPT of a checkpoint: its hyper_parameters and its weights, nothing else."""
-    model = GPT(GPTConfig(**state["hyper_parameters"]["model"]))
-    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
-    model.load_state_dict(weights)
-    return model.to(device).eval()
 
 
 def device_of(name: str) -> torch.device:

@@ -14,18 +14,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 
 from streamgpt.atomic import write_atomic
 from streamgpt.bpb import token_byte_lengths
+from streamgpt.checkpoints import load_gpt, run_checkpoint
 from streamgpt.config import WANDB_LOGGER
 from streamgpt.data import tokenizer as tokenizers
 from streamgpt.evaluation import texts
 from streamgpt.evaluation.figures import (
-    choose_checkpoint,
     device_of,
-    load_model,
     run_folder,
     run_settings,
     score,
@@ -37,9 +35,9 @@ FIGURES = ("loss", "ppl", "bpb", "tokens", "bytes", "sequences")
 
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Evaluate `cfg.ckpt_path` on the text `cfg.data` names; returns what eval.json holds."""
-    checkpoint = choose_checkpoint(cfg.ckpt_path, cfg.checkpoint)
+    checkpoint = run_checkpoint(cfg.ckpt_path, cfg.checkpoint)
     log.info("evaluating %s", checkpoint)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model, state = load_gpt(checkpoint, device_of(cfg.device))
     run_dir = run_folder(checkpoint)
     run = run_settings(run_dir, state)
     run["max_length"] = cfg.max_length or run["max_length"]
@@ -54,7 +52,6 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         )
     tokenizer = tokenizers.load(tokenizer_path, run["eos_token"])
     windows = read_text(cfg, run_dir, tokenizer, run)
-    model = load_model(state, device_of(cfg.device))
     figures = score(model, windows.batches, token_byte_lengths(tokenizer))
     record = {
         "checkpoint": str(checkpoint),
@@ -68,7 +65,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     }
     out = checkpoint.parent / "eval.json"
     write_atomic(out, json.dumps(record, indent=2) + "\n")  # first: W&B failing loses nothing
-    wandb_cfg = next((c for c in cfg.values() if c._target_ == WANDB_LOGGER), None)
+    wandb_cfg = next((c for c in cfg.logger.values() if c._target_ == WANDB_LOGGER), None)
     if wandb_cfg is not None:
         record["wandb"] = log_to_wandb(wandb_cfg, record, out_dir)
         write_atomic(out, json.dumps(record, indent=2) + "\n")
