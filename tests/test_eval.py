@@ -223,3 +223,22 @@ def test_eval_of_a_run_reproduces_its_last_val_loss_and_bpb_and_logs_an_eval_run
     (logged,) = history(eval_wandb)
     assert logged["_step"] == 6 and logged["eval/loss"] == pytest.approx(record["loss"])
     assert logged["eval/bpb"] == pytest.approx(record["bpb"])
+
+
+@pytest.mark.slow
+def test_eval_of_a_bf16_mixed_run_reproduces_its_val_loss_under_the_runs_precision(tmp_path):
+    """eval.py takes the run's precision: bf16-mixed autocasts as Lightning's validation did."""
+    import csv
+
+    run = tmp_path / "run"
+    steps = ["trainer.max_steps=4", "trainer.val_every=4", "trainer.limit_val_batches=3"]
+    steps += ["callbacks.checkpoint_every=4", "callbacks.sample_every=4", "precision=bf16-mixed"]
+    done = train(run, *steps)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(run / "csv" / "version_0" / "metrics.csv") as f:
+        logged = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
+    done = run_eval(f"ckpt_path={run}", "logger=none", out=tmp_path / "eval")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads((run / "checkpoints" / "eval.json").read_text())
+    assert record["precision"] == "bf16-mixed"
+    assert abs(record["loss"] - logged[-1]) < 1e-4, (record["loss"], logged[-1])

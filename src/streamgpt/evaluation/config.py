@@ -12,7 +12,7 @@ from omegaconf import MISSING, OmegaConf
 
 from streamgpt import command_line
 from streamgpt.command_line import register_help
-from streamgpt.config import PathsConfig
+from streamgpt.config import PRECISIONS, PathsConfig
 from streamgpt.config import _logger as validate_logger
 from streamgpt.server.config import CONF as SERVER_CONF
 from streamgpt.server.config import require
@@ -37,6 +37,12 @@ class EvalDataConfig:
 
 
 @dataclass
+class EvalTrainerConfig:
+    # null: the run's trainer.precision; or the precision group, as train.py: precision=bf16-mixed
+    precision: str | None = None
+
+
+@dataclass
 class EvalConfig:
     ckpt_path: str = MISSING  # a .ckpt, or a run folder (its checkpoints/)
     checkpoint: str = "last"  # which of a run folder's: last (last.ckpt) or best (by val/loss)
@@ -45,6 +51,7 @@ class EvalConfig:
     batch_size: int | None = None  # sequences per forward pass; null: the run's
     max_length: int | None = None  # tokens per sequence; null: the run's
     device: str = "auto"  # auto (cuda when there is one) | cpu | cuda | cuda:1 ...
+    trainer: EvalTrainerConfig = field(default_factory=EvalTrainerConfig)
     # The logger group of training (conf/logger/): only its W&B entry is used, for the eval run.
     logger: dict[str, Any] = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)  # the eval run's W&B tags
@@ -91,3 +98,10 @@ def validate(cfg: Any) -> None:
         value = cfg[key]
         require(value is None or value >= 1, key, "a positive integer or null", value)
     validate_logger(cfg.logger)
+    precision = cfg.trainer.precision
+    require(
+        precision is None or precision in PRECISIONS,
+        "trainer.precision",
+        f"null (the run's) or one of {list(PRECISIONS)}",
+        precision,
+    )

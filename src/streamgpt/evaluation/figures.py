@@ -9,6 +9,7 @@ config_resolved.yaml when the run folder has one.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ def run_settings(run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
         "max_length": model["context"],
         "batch_size": 32,
         "limit_val_batches": 1.0,
+        "precision": "32-true",
         "eos_token": eos,
         "server_eot": None,  # the run's server's end-of-document marker, when it is known
     }
@@ -47,6 +49,7 @@ def run_settings(run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
             "max_length": stream.max_length,
             "batch_size": stream.batch_size,
             "limit_val_batches": cfg.trainer.limit_val_batches,
+            "precision": cfg.trainer.precision,
             "eos_token": cfg.tokenizer.eos_token,
         }
         if not stream.url:  # the embedded server, whose config the run kept
@@ -60,19 +63,38 @@ def device_of(name: str) -> torch.device:
     return torch.device(name)
 
 
+# Lightning's precisions as eval runs them: autocast for -mixed, the weights cast for -true.
+DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.float32, "64": torch.float64}
+
+
+def precision_context(model: GPT, precision: str) -> contextlib.AbstractContextManager:
+    """Run `model` as training's validation did under Lightning's `precision` (e.g. bf16-mixed)."""
+    bits, _, kind = precision.partition("-")
+    dtype = DTYPES[bits]
+    device = next(model.parameters()).device
+    if kind == "mixed":
+        return torch.autocast(device.type, dtype=dtype)
+    model.to(dtype)
+    return contextlib.nullcontext()
+
+
 @torch.inference_mode()
 def score(
-    model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]], byte_lengths: torch.Tensor
+    model: GPT,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    byte_lengths: torch.Tensor,
+    precision: str = "32-true",
 ) -> dict[str, Any]:
     """Loss (mean NLL per target token, nats), perplexity, bits per byte and their counts."""
     device = next(model.parameters()).device
     byte_lengths = byte_lengths.to(device)
     sums = torch.zeros(4, dtype=torch.float64)
     sequences = 0
-    for x, y in batches:
-        logits, _ = model(x.to(device))
-        sums += nll_sums(logits, y.to(device), byte_lengths).cpu()
-        sequences += x.size(0)
+    with precision_context(model, precision):
+        for x, y in batches:
+            logits, _ = model(x.to(device))
+            sums += nll_sums(logits, y.to(device), byte_lengths).cpu()
+            sequences += x.size(0)
     loss = (sums[0] / sums[1]).item()
     return {
         "loss": loss,

@@ -52,7 +52,8 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         )
     tokenizer = tokenizers.load(tokenizer_path, run["eos_token"])
     windows = read_text(cfg, run_dir, tokenizer, run)
-    figures = score(model, windows.batches, token_byte_lengths(tokenizer))
+    precision = cfg.trainer.precision or run["precision"]
+    figures = score(model, windows.batches, token_byte_lengths(tokenizer), precision)
     record = {
         "checkpoint": str(checkpoint),
         "step": state.get("global_step"),
@@ -60,6 +61,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "data": windows.source,
         "max_length": run["max_length"],
         "batch_size": run["batch_size"],
+        "precision": precision,
         **figures,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
