@@ -142,4 +142,5 @@ def test_generate_script_samples_from_a_run_and_refuses_a_truncated_checkpoint(t
         [sys.executable, str(script), str(broken)], capture_output=True, text=True
     )
     assert failed.returncode != 0
-    assert f"cannot read checkpoint {broken}" in failed.stderr and "truncated" in failed.stderr
+    assert f"error: {broken} is truncated or corrupt" in failed.stderr
+    assert "Traceback" not in failed.stderr
