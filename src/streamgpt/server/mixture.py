@@ -108,7 +108,8 @@ class Schedule:
 
 
 class MixCorpus:
-    """Named component corpora and the schedule that mixes them."""
+    """Named component corpora and the schedule that mixes them. Each component's encoder puts
+    its name before its sample ids (sources/mix.py builds them so)."""
 
     def __init__(
         self,
