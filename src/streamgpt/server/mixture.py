@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Callable
 from fractions import Fraction
 from functools import lru_cache
+from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 from streamgpt.server.corpus import Chunk, Chunking, fingerprint_of
@@ -28,11 +31,15 @@ from streamgpt.server.streams import (
     CURSOR_VERSION,
     ConsumerSpec,
     CursorError,
+    Stream,
     StreamBase,
     check_cursor,
     open_stream,
     quota,
 )
+
+# (components of the positions, samples each component gives, the interleaving function)
+Picks = tuple[tuple[int, ...], tuple[int, ...], Callable[[list], list]]
 
 
 class Schedule:
@@ -67,33 +74,36 @@ class Schedule:
     def weights_at(self, position: int) -> tuple[float, ...]:
         return tuple(w / self.scale for w in self.shares[self.stage_at(position)])
 
-    def _targets(self, position: int) -> tuple[int, ...]:
-        stage = self.stage_at(position)
-        since = position - self.starts[stage]
-        return tuple(
-            b + w * since for b, w in zip(self._bases[stage], self.shares[stage], strict=True)
-        )
+    def _deficits(self, stage: int, position: int, counts: list[int]) -> tuple[int, ...]:
+        """Each component's target at `position` minus its count, scaled."""
+        since, scale = position - self.starts[stage], self.scale
+        pairs = zip(self._bases[stage], self.shares[stage], counts, strict=True)
+        return tuple([b + w * since - scale * c for b, w, c in pairs])
 
-    def picks(self, position: int, counts: list[int], n: int) -> tuple[list[int], list[int]]:
+    def picks(self, position: int, counts: list[int], n: int) -> Picks:
         """The components of positions position .. position+n-1, given each component's count
-        of samples before `position`; and how many of them each component gives."""
-        targets = self._targets(position)
-        deficits = tuple(t - self.scale * c for t, c in zip(targets, counts, strict=True))
+        of samples before `position`; how many of them each component gives; and the function
+        that puts the components' chunks, concatenated, in that order."""
+        stage = self.stage_at(position)
+        deficits = self._deficits(stage, position, counts)
+        if stage + 1 == len(self.starts) or position + n <= self.starts[stage + 1]:
+            block, block_given, _, order = self._block(stage, deficits, n)  # in one stage
+            return block, block_given, order
         picks: list[int] = []
         given = [0] * len(counts)
         end = position + n
         while position < end:
             stage = self.stage_at(position)
             upto = end if stage + 1 == len(self.starts) else min(end, self.starts[stage + 1])
-            block, block_given, deficits = self._block(stage, deficits, upto - position)
+            block, block_given, deficits, _ = self._block(stage, deficits, upto - position)
             picks += block
             given = [g + b for g, b in zip(given, block_given, strict=True)]
             position = upto
-        return picks, given
+        return tuple(picks), tuple(given), interleaving(tuple(picks), tuple(given))
 
     def _compute_block(
         self, stage: int, deficits: tuple[int, ...], length: int
-    ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], Callable[[list], list]]:
         shares, scale = self.shares[stage], self.scale
         d = list(deficits)
         every = range(len(d))
@@ -104,7 +114,8 @@ class Schedule:
             best = max(every, key=d.__getitem__)  # the first of equals: the order listed
             d[best] -= scale
             picks.append(best)
-        return tuple(picks), tuple(picks.count(c) for c in every), tuple(d)
+        given = tuple(picks.count(c) for c in every)
+        return tuple(picks), given, tuple(d), interleaving(tuple(picks), given)
 
 
 class MixCorpus:
@@ -202,8 +213,15 @@ class MixStream(StreamBase):
         if cursor is not None and cursor["n"] != self.n:
             raise CursorError(f"cursor n={cursor['n']} is not the sum of its parts' n ({self.n})")
 
-    def _open_part(self, c: int, epoch: int, cursor: Any) -> StreamBase:
+    def _open_part(self, c: int, epoch: int, position: Any) -> Stream:
         part = self.corpus.parts[c]
+        cursor = None
+        if position is not None:  # the component's cursor: the mixture's fields and its position
+            if not isinstance(position, dict):
+                raise CursorError(f"parts.{self.corpus.names[c]} must be an object")
+            s = self.spec
+            mine = {"split": s.split, "seed": s.seed, "k": s.index, "K": s.count}
+            cursor = {"v": CURSOR_VERSION, "fp": part.fingerprint, **mine, **position}
         try:
             return open_stream(
                 part, self.spec, epoch=epoch, cursor=cursor, max_epochs=self.max_epochs
@@ -228,21 +246,24 @@ class MixStream(StreamBase):
             n = min(n, self.quota - self.n)
         if n <= 0:
             return []
-        picks, wanted = self.corpus.schedule.picks(self.n, [p.n for p in self.parts], n)
-        before = [p.cursor() for p in self.parts] if self.max_epochs is not None else None
-        got = [part.take(w) if w else [] for part, w in zip(self.parts, wanted, strict=True)]
+        parts = self.parts
+        picks, wanted, order = self.corpus.schedule.picks(self.n, [p.n for p in parts], n)
+        before = [p.position() for p in parts] if self.max_epochs is not None else None
+        got = [parts[c].take(w) if w else [] for c, w in enumerate(wanted)]
         if before is not None and any(len(g) < w for g, w in zip(got, wanted, strict=True)):
             picks = self._cut_at_end(picks, got, before)
-        nexts = [iter(g).__next__ for g in got]
-        out = [nexts[c]() for c in picks]
+            wanted = tuple(len(g) for g in got)
+            order = interleaving(picks, wanted)
+        out = order(got[0] + got[1] if len(got) == 2 else list(chain.from_iterable(got)))
         self.n += len(out)
-        for c, g in enumerate(got):
-            self.corpus.served[c] += len(g)
+        served = self.corpus.served
+        for c, w in enumerate(wanted):
+            served[c] += w
         return out
 
     def _cut_at_end(
-        self, picks: list[int], got: list[list[Chunk]], before: list[dict]
-    ) -> list[int]:
+        self, picks: tuple[int, ...], got: list[list[Chunk]], before: list[dict]
+    ) -> tuple[int, ...]:
         """The picks before the first one whose component has ended; components that read past
         that point are read again from where they were, only as far as they are used."""
         used = [0] * len(got)
@@ -269,10 +290,24 @@ class MixStream(StreamBase):
             "epoch": self.epoch,
             "n": self.n,
             "parts": {
-                name: part.cursor()
+                name: part.position()
                 for name, part in zip(self.corpus.names, self.parts, strict=True)
             },
         }
+
+
+def interleaving(picks: tuple[int, ...], sizes: tuple[int, ...]) -> Callable[[list], list]:
+    """A function that puts the components' chunks, concatenated (`sizes` of each), into the
+    order of `picks`, in C (operator.itemgetter)."""
+    offsets = [sum(sizes[:c]) for c in range(len(sizes))]
+    order = []
+    for c in picks:
+        order.append(offsets[c])
+        offsets[c] += 1
+    if len(order) < 2:  # itemgetter of one index returns the item, not a tuple
+        return lambda chunks: [chunks[i] for i in order]
+    take = itemgetter(*order)
+    return lambda chunks: list(take(chunks))
 
 
 def _parts_of(cursor: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:

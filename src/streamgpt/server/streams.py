@@ -188,6 +188,14 @@ class Stream(StreamBase):
             "n": self.n,
         }
 
+    def position(self) -> dict[str, Any]:
+        """The cursor's fields that move (a mixture keeps these for each component)."""
+        return {
+            "epoch": self.epoch,
+            **{name: getattr(self, name) for name in self.POSITION},
+            "n": self.n,
+        }
+
 
 def check_cursor(
     cursor: Any, fingerprint: str, spec: ConsumerSpec, fields: tuple[str, ...]
