@@ -64,8 +64,8 @@ class Schedule:
             self._bases.append(
                 tuple(b + w * length for b, w in zip(prev, shares_prev, strict=True))
             )
-        # Blocks of picks by (stage, deficits, length): in a stage the deficits cycle through at
-        # most `scale` states, so a client asking for batches of one size hits this cache.
+        # Blocks of picks by (stage, deficits, length): within a stage the deficits come back to
+        # the same few values (0.8/0.2: five), so a client asking for one batch size hits this.
         self._block = lru_cache(maxsize=4096)(self._compute_block)
 
     def stage_at(self, position: int) -> int:
