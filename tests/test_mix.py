@@ -211,6 +211,7 @@ def test_max_epochs_ends_when_a_component_would_repeat(serve, client, mixture):
         ({"components": {"plays": {"source": {"name": "mix"}}}}, "a mixture is not a component"),
         ({"components": {"plays": {"source": {"pathz": []}}}}, "components.plays.source.pathz"),
         ({"components": {"a/b": {"source": {"name": "shakespeare"}, "weight": 1}}}, "a/b"),
+        ({"components": {"extra": {"source": {"name": "shakespeare"}}}}, "extra.weight must be"),
         ({"stages": [{"from_sample": 0, "weights": {"plays": 1, "notes": 1}}]}, "from_sample"),
         ({"stages": [{"from_sample": 5, "weights": {"plays": 1}}]}, "stages[0].weights"),
         (

@@ -264,8 +264,10 @@ def mix_config(mix: Any, key: str = "source") -> tuple[dict[str, Any], list[Any]
             name,
         )
         part = typed(MixComponentConfig, node, where)
-        require(_positive(part.weight), f"{where}.weight", "a positive number", part.weight)
-        kind = part.source.get("name") if OmegaConf.is_dict(part.source) else None
+        weight = None if OmegaConf.is_missing(part, "weight") else part.weight
+        require(_positive(weight), f"{where}.weight", "a positive number", weight)
+        source = None if OmegaConf.is_missing(part, "source") else part.source
+        kind = source.get("name") if OmegaConf.is_dict(source) else None
         require(
             kind in SOURCES and kind != "mix",
             f"{where}.source.name",
@@ -285,6 +287,9 @@ def _check_stages(stages: list[Any], names: list[str], key: str) -> None:
     previous = 0
     for i, stage in enumerate(stages):
         where = f"{key}.stages[{i}]"
+        for field_name in ("from_sample", "weights"):
+            missing = OmegaConf.is_missing(stage, field_name)
+            require(not missing, f"{where}.{field_name}", "given", "???")
         require(
             stage.from_sample > previous,
             f"{where}.from_sample",
