@@ -77,7 +77,7 @@ def test_every_option_of_every_group_composes(override):
         with pytest.raises((MissingMandatoryValue, ValueError), match="path"):
             validate(cfg)
     elif override == "source@server.source=mix":
-        with pytest.raises(ValueError, match="server.source.components must be at least one"):
+        with pytest.raises(ValueError, match=r"server\.source\.components must be at least one"):
             validate(cfg)  # the components are the user's to give
     elif override == "precision=16-mixed" and not torch.cuda.is_available():
         with pytest.raises(ValueError, match="precision=16-mixed needs a GPU"):
