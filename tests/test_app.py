@@ -76,6 +76,9 @@ def test_every_option_of_every_group_composes(override):
         # These need a path from the user; without one, validate names the key.
         with pytest.raises((MissingMandatoryValue, ValueError), match="path"):
             validate(cfg)
+    elif override == "source@server.source=mix":
+        with pytest.raises(ValueError, match=r"server\.source\.components must be at least one"):
+            validate(cfg)  # the components are the user's to give
     elif override == "precision=16-mixed" and not torch.cuda.is_available():
         with pytest.raises(ValueError, match="precision=16-mixed needs a GPU"):
             validate(cfg)  # the hardware check belongs to validation too: before any work

@@ -47,6 +47,7 @@ def test_the_wheel_holds_the_server_config(wheel):
         "streamgpt/server/conf/source/shakespeare.yaml",
         "streamgpt/server/conf/source/files.yaml",
         "streamgpt/server/conf/source/fineweb.yaml",
+        "streamgpt/server/conf/source/mix.yaml",
     }
     assert expected <= names, expected - names
 

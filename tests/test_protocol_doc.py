@@ -31,6 +31,7 @@ from streamgpt.server import app as server_app
 from streamgpt.server import protocol as server_protocol
 from streamgpt.server.config import AuthConfig, EndConfig, LimitsConfig
 from streamgpt.server.corpus import Chunking, SampleEncoder, ShardedCorpus
+from streamgpt.server.mixture import MixCorpus
 from streamgpt.server.protocol import REQUEST_TYPES
 from streamgpt.server.streams import ConsumerSpec, open_stream
 from streamgpt.wire import EXTENSIONS
@@ -274,12 +275,30 @@ def test_every_consumer_field_and_cursor_field_is_in_its_table(fineweb_row_group
     consumer = {a or b for a, b in re.findall(read, source)}
     assert {"rank", "world_size", "worker", "num_workers", "seed", "split", "cursor"} <= consumer
     spec = ConsumerSpec(seed=0, index=0, count=1)
-    cursor = set(open_stream(shakespeare, spec).cursor()) | set(
-        open_stream(fineweb_row_groups, spec).cursor()
+    mixture = MixCorpus(
+        {"a": shakespeare, "b": fineweb_row_groups}, [(0, {"a": 1, "b": 1})], Chunking()
+    )
+    cursor = (
+        set(open_stream(shakespeare, spec).cursor())
+        | set(open_stream(fineweb_row_groups, spec).cursor())
+        | set(open_stream(mixture, spec).cursor())
     )
     rows = [line for line in TEXT.splitlines() if line.startswith("| `")]
     cells = " ".join(row.split("|")[1] for row in rows)
     assert [name for name in sorted(consumer | cursor) if f"`{name}`" not in cells] == []
+
+
+def test_every_status_field_of_a_mixture_is_documented(shakespeare):
+    mixture = MixCorpus({"plays": shakespeare}, [(0, {"plays": 1})], Chunking())
+    status = StreamServer(mixture).status()
+    rows = [line for line in TEXT.splitlines() if line.startswith("| `")]
+    cells = " ".join(row.split("|")[1] for row in rows)
+    assert [key for key in status if f"`{key}`" not in cells] == []
+    composition = status["mixture"]
+    keys = {*composition, *composition["components"]["plays"]}
+    assert [key for key in sorted(keys) if f"`{key}`" not in TEXT] == []
+    described = [f"`corpus.{key}`" for key in ("components", "stages") if key in status["corpus"]]
+    assert len(described) == 2 and all(key in TEXT for key in described)
 
 
 def test_every_setting_the_protocol_depends_on_is_documented():

@@ -25,8 +25,10 @@ from streamgpt import __version__
 from streamgpt.server import gate, protocol
 from streamgpt.server.config import LimitsConfig
 from streamgpt.server.corpus import IndexedCorpus, ShardedCorpus
+from streamgpt.server.mixture import MixCorpus
 from streamgpt.server.protocol import ProtocolError
-from streamgpt.server.streams import ConsumerSpec, CursorError, NothingLeft, Stream, open_stream
+from streamgpt.server.streams import ConsumerSpec, CursorError, NothingLeft, open_stream
+from streamgpt.server.streams import StreamBase as Stream
 from streamgpt.wire import EXTENSIONS, PROTOCOL_VERSION
 
 log = logging.getLogger("streamgpt.server")
@@ -50,7 +52,7 @@ class Session:
 class StreamServer:
     def __init__(
         self,
-        corpus: IndexedCorpus | ShardedCorpus,
+        corpus: IndexedCorpus | ShardedCorpus | MixCorpus,
         *,
         host: str = "127.0.0.1",
         port: int = 8000,
@@ -212,21 +214,27 @@ class StreamServer:
     def _check_consumer(self, spec: ConsumerSpec) -> None:
         if spec.split == "validation":
             return
-        if isinstance(self.corpus, ShardedCorpus):
-            if spec.count > len(self.corpus.units) and spec.index == 0:
-                log.warning(
-                    "%d consumers share %d units: consumers on the same unit each read all of it "
-                    "and keep their share of its rows; source.shard_by=row_group avoids that",
-                    spec.count,
-                    len(self.corpus.units),
+        c = self.corpus
+        parts = zip(c.names, c.parts, strict=True) if isinstance(c, MixCorpus) else [("", c)]
+        for name, corpus in parts:  # a mixture's consumers take a share of every component
+            whose = f"component {name!r}" if name else "the corpus"
+            if isinstance(corpus, ShardedCorpus):
+                if spec.count > len(corpus.units) and spec.index == 0:
+                    log.warning(
+                        "%d consumers share %d units of %s: consumers on the same unit each "
+                        "read all of it and keep their share of its rows; "
+                        "source.shard_by=row_group avoids that",
+                        spec.count,
+                        len(corpus.units),
+                        whose,
+                    )
+                continue
+            n = int(corpus.train_ids.size)
+            if spec.count > n:
+                raise ProtocolError(
+                    f"handshake: {spec.count} consumers (world_size x num_workers) but {whose} "
+                    f"has only {n} training documents; use at most {n} consumers or a larger corpus"
                 )
-            return
-        n = int(self.corpus.train_ids.size)
-        if spec.count > n:
-            raise ProtocolError(
-                f"handshake: {spec.count} consumers (world_size x num_workers) but the corpus has "
-                f"only {n} training documents; use at most {n} consumers or a larger corpus"
-            )
 
     def _consumer_stream(self, spec: ConsumerSpec, epoch: int, cursor: Any) -> Stream:
         return open_stream(
@@ -332,6 +340,9 @@ class StreamServer:
 
     def status(self) -> dict[str, Any]:
         core = self._core.cursor()
+        # A mixture's composition: the shared stream's stage and weights, samples per component.
+        mixture = isinstance(self.corpus, MixCorpus)
+        extra = {"mixture": self.corpus.composition(self._core)} if mixture else {}
         return {
             "server": f"streamgpt {__version__}",
             "protocol": PROTOCOL_VERSION,
@@ -360,6 +371,7 @@ class StreamServer:
                 "max_validation_ids": self.limits.max_validation_ids,
             },
             "auth": "bearer" if self.token else None,
+            **extra,
         }
 
     async def _log_throughput(self) -> None:

@@ -6,15 +6,21 @@ config is composed, naming the key.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from streamgpt.server.sources import SOURCES
 from streamgpt.server.sources.files import find_files
+
+# A mixture's component names: they prefix sample ids (`plays/henry_v#3`).
+NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 # The server's yaml config, shipped in the package (train.yaml finds source/ here too).
 CONF = Path(__file__).resolve().parent / "conf"
@@ -63,6 +69,30 @@ class FineWebSourceConfig(SourceConfig):
     shuffle_window: int = 1024
     # Units dealt to consumers: whole data files, or parquet row groups (many more units).
     shard_by: str = "file"
+
+
+@dataclass
+class MixComponentConfig:
+    # A source config of its own, as in source/<name>.yaml: {name: shakespeare|files|fineweb, ...}.
+    source: Any = MISSING
+    # Share of the samples, relative to the other components' weights (they need not sum to 1).
+    weight: float = MISSING
+
+
+@dataclass
+class MixStageConfig:
+    # From this position of every stream on (counted from its start), these weights.
+    from_sample: int = MISSING
+    weights: dict[str, float] = MISSING
+
+
+@dataclass
+class MixSourceConfig:
+    name: str = "mix"
+    # {name: MixComponentConfig}, [MixStageConfig]. Free-form here so that Hydra can add entries
+    # (+source.components.notes={...}); mix_config() types each one when the config is checked.
+    components: dict[str, Any] = field(default_factory=dict)
+    stages: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -124,6 +154,7 @@ SOURCE_SCHEMAS = {
     "shakespeare": ShakespeareSourceConfig,
     "files": FilesSourceConfig,
     "fineweb": FineWebSourceConfig,
+    "mix": MixSourceConfig,
 }
 
 
@@ -133,6 +164,7 @@ def register_configs() -> None:
     cs.store(group="source", name="shakespeare_schema", node=ShakespeareSourceConfig)
     cs.store(group="source", name="files_schema", node=FilesSourceConfig)
     cs.store(group="source", name="fineweb_schema", node=FineWebSourceConfig)
+    cs.store(group="source", name="mix_schema", node=MixSourceConfig)
 
 
 def require(ok: bool, key: str, accepted: str, value: Any) -> None:
@@ -153,6 +185,32 @@ def validate(cfg: Any, prefix: str = "") -> None:
     source = cfg.source
     key = f"{prefix}source"
     require(source.name in SOURCES, f"{key}.name", f"one of {list(SOURCES)}", source.name)
+    if source.name == "mix":
+        for name, part in mix_config(source, key)[0].items():
+            _validate_source(part.source, f"{key}.components.{name}.source")
+    else:
+        _validate_source(source, key)
+    require(cfg.chunk.words >= 1, f"{prefix}chunk.words", "a positive integer", cfg.chunk.words)
+    space = cfg.chunk.whitespace
+    require(
+        space in ("preserve", "collapse"),
+        f"{prefix}chunk.whitespace",
+        "preserve or collapse",
+        space,
+    )
+    for name, value in cfg.end.items():
+        require(
+            _positive_or_null(value), f"{prefix}end.{name}", "a positive integer or null", value
+        )
+    for name, value in cfg.limits.items():
+        require(value > 0, f"{prefix}limits.{name}", "positive", value)
+    require(0 <= cfg.port <= 65535, f"{prefix}port", "in [0, 65535] (0: a free port)", cfg.port)
+    require(cfg.path.startswith("/"), f"{prefix}path", "a path starting with '/'", cfg.path)
+    require(cfg.log_every_s > 0, f"{prefix}log_every_s", "positive", cfg.log_every_s)
+
+
+def _validate_source(source: Any, key: str) -> None:
+    """One source's own keys (a single source, or a component of a mixture)."""
     if source.validation_docs is not None:
         require(
             source.validation_docs >= 0, f"{key}.validation_docs", ">= 0", source.validation_docs
@@ -175,20 +233,76 @@ def validate(cfg: Any, prefix: str = "") -> None:
         shard = source.shard_by
         require(shard in ("file", "row_group"), f"{key}.shard_by", "'file' or 'row_group'", shard)
         require(source.shuffle_window >= 1, f"{key}.shuffle_window", ">= 1", source.shuffle_window)
-    require(cfg.chunk.words >= 1, f"{prefix}chunk.words", "a positive integer", cfg.chunk.words)
-    space = cfg.chunk.whitespace
-    require(
-        space in ("preserve", "collapse"),
-        f"{prefix}chunk.whitespace",
-        "preserve or collapse",
-        space,
-    )
-    for name, value in cfg.end.items():
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def typed(schema: type, node: Any, where: str) -> Any:
+    """`node` on top of `schema`'s defaults; a misspelt key or a wrong type fails in one line."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), node)
+    except OmegaConfBaseException as e:
+        first = str(e).splitlines()[0]
+        at = f"{where}.{e.full_key}" if e.full_key else where
+        raise ValueError(f"{at}: {first}") from None
+
+
+def mix_config(mix: Any, key: str = "source") -> tuple[dict[str, Any], list[Any]]:
+    """A mixture's components and stages, typed and checked: each component's source typed by
+    that source's schema (its defaults filled in), names usable as id prefixes, weights positive,
+    stages in order and weighting every component."""
+    require(len(mix.components) > 0, f"{key}.components", "at least one component", {})
+    components = {}
+    for name, node in mix.components.items():
+        where = f"{key}.components.{name}"
         require(
-            _positive_or_null(value), f"{prefix}end.{name}", "a positive integer or null", value
+            NAME.fullmatch(str(name)) is not None,
+            f"{key}.components",
+            "named by letters, digits, '_', '-' or '.' (the name prefixes sample ids: name/id)",
+            name,
         )
-    for name, value in cfg.limits.items():
-        require(value > 0, f"{prefix}limits.{name}", "positive", value)
-    require(0 <= cfg.port <= 65535, f"{prefix}port", "in [0, 65535] (0: a free port)", cfg.port)
-    require(cfg.path.startswith("/"), f"{prefix}path", "a path starting with '/'", cfg.path)
-    require(cfg.log_every_s > 0, f"{prefix}log_every_s", "positive", cfg.log_every_s)
+        part = typed(MixComponentConfig, node, where)
+        weight = None if OmegaConf.is_missing(part, "weight") else part.weight
+        require(_positive(weight), f"{where}.weight", "a positive number", weight)
+        source = None if OmegaConf.is_missing(part, "source") else part.source
+        kind = source.get("name") if OmegaConf.is_dict(source) else None
+        require(
+            kind in SOURCES and kind != "mix",
+            f"{where}.source.name",
+            f"one of {[s for s in SOURCES if s != 'mix']} (a mixture is not a component)",
+            kind,
+        )
+        part.source = typed(SOURCE_SCHEMAS[kind], part.source, f"{where}.source")
+        components[name] = part
+    stages = [
+        typed(MixStageConfig, node, f"{key}.stages[{i}]") for i, node in enumerate(mix.stages)
+    ]
+    _check_stages(stages, list(components), key)
+    return components, stages
+
+
+def _check_stages(stages: list[Any], names: list[str], key: str) -> None:
+    previous = 0
+    for i, stage in enumerate(stages):
+        where = f"{key}.stages[{i}]"
+        for field_name in ("from_sample", "weights"):
+            missing = OmegaConf.is_missing(stage, field_name)
+            require(not missing, f"{where}.{field_name}", "given", "???")
+        require(
+            stage.from_sample > previous,
+            f"{where}.from_sample",
+            f"greater than {previous} (stages start after sample 0, in order)",
+            stage.from_sample,
+        )
+        previous = stage.from_sample
+        given = list(stage.weights)
+        require(
+            sorted(given) == sorted(names),
+            f"{where}.weights",
+            f"a weight for each component, {names}",
+            given,
+        )
+        for name, weight in stage.weights.items():
+            require(_positive(weight), f"{where}.weights.{name}", "a positive number", weight)

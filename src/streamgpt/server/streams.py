@@ -57,7 +57,50 @@ def quota(max_samples: int | None, spec: ConsumerSpec) -> int | None:
     return base + (1 if spec.index < extra else 0)
 
 
-class Stream(ABC):
+class StreamBase(ABC):
+    """What the server asks of a stream: the next chunks, encoded samples, the cursor after them.
+    `Stream` walks one corpus; a mixture (mixture.py) walks several."""
+
+    spec: ConsumerSpec
+    epoch: int
+    blocking_io: bool
+
+    @abstractmethod
+    def take(self, n: int) -> list[Chunk]:
+        """The next n chunks; fewer only when the stream reaches its end."""
+
+    @abstractmethod
+    def cursor(self) -> dict[str, Any]:
+        """The position after the last chunk taken, which rebuilds the stream from there."""
+
+    def payloads(self, n: int, exclude: frozenset[str]) -> tuple[list[bytes], dict[str, Any]]:
+        """Up to n encoded samples and the cursor after them, skipping the ids in `exclude`
+        (setValidationIds); fewer only at the stream's end."""
+        out: list[bytes] = []
+        first_epoch = self.epoch
+        while len(out) < n:
+            chunks = self.take(n - len(out))
+            if not chunks:
+                break
+            if not exclude:
+                out += [c.payload for c in chunks]
+                continue
+            kept = [c.payload for c in chunks if c.sample_id not in exclude]
+            if not kept and not out and self.epoch > first_epoch + 1:
+                raise NothingLeft(
+                    f"every sample of an entire epoch is among the {len(exclude)} validation ids "
+                    "this server was given (setValidationIds); nothing is left to train on"
+                )
+            out += kept
+        return out, self.cursor()
+
+    def next_chunk(self) -> Chunk | None:
+        """The next chunk, or None once the stream has reached its end."""
+        chunks = self.take(1)
+        return chunks[0] if chunks else None
+
+
+class Stream(StreamBase):
     """A consumer's walk through a corpus: its position, the configured end, epochs rolling over,
     and the cursor that rebuilds it. Subclasses say what a position is (`POSITION`, the cursor
     fields besides epoch and n) and how to move it (`_epoch_done`, `_start_epoch`, `_advance`)."""
@@ -84,7 +127,7 @@ class Stream(ABC):
             setattr(self, name, 0)
         if cursor is not None:
             fields = ("epoch", *self.POSITION, "n")
-            c = _check_cursor(cursor, corpus.fingerprint, spec, fields)
+            c = check_cursor(cursor, corpus.fingerprint, spec, fields)
             for name in fields:
                 setattr(self, name, c[name])
         self._open()
@@ -126,32 +169,6 @@ class Stream(ABC):
             self.n += len(piece)
         return out
 
-    def payloads(self, n: int, exclude: frozenset[str]) -> tuple[list[bytes], dict[str, Any]]:
-        """Up to n encoded samples and the cursor after them, skipping the ids in `exclude`
-        (setValidationIds); fewer only at the stream's end."""
-        out: list[bytes] = []
-        first_epoch = self.epoch
-        while len(out) < n:
-            chunks = self.take(n - len(out))
-            if not chunks:
-                break
-            if not exclude:
-                out += [c.payload for c in chunks]
-                continue
-            kept = [c.payload for c in chunks if c.sample_id not in exclude]
-            if not kept and not out and self.epoch > first_epoch + 1:
-                raise NothingLeft(
-                    f"every sample of an entire epoch is among the {len(exclude)} validation ids "
-                    "this server was given (setValidationIds); nothing is left to train on"
-                )
-            out += kept
-        return out, self.cursor()
-
-    def next_chunk(self) -> Chunk | None:
-        """The next chunk, or None once the stream has reached its end."""
-        chunks = self.take(1)
-        return chunks[0] if chunks else None
-
     def _room(self, wanted: int) -> int:
         """How many of `wanted` more chunks the configured end still allows."""
         if self.max_epochs is not None and self.epoch >= self.max_epochs:
@@ -171,8 +188,16 @@ class Stream(ABC):
             "n": self.n,
         }
 
+    def position(self) -> dict[str, Any]:
+        """The cursor's fields that move (a mixture keeps these for each component)."""
+        return {
+            "epoch": self.epoch,
+            **{name: getattr(self, name) for name in self.POSITION},
+            "n": self.n,
+        }
 
-def _check_cursor(
+
+def check_cursor(
     cursor: Any, fingerprint: str, spec: ConsumerSpec, fields: tuple[str, ...]
 ) -> dict:
     if not isinstance(cursor, dict):
@@ -340,9 +365,10 @@ class ShardedStream(Stream):
         return piece
 
 
-def open_stream(
-    corpus: IndexedCorpus | ShardedCorpus, spec: ConsumerSpec, **options: Any
-) -> Stream:
+def open_stream(corpus: Any, spec: ConsumerSpec, **options: Any) -> StreamBase:
     """Consumer `spec`'s stream of `corpus`; `options` as Stream's (epoch, cursor, the end)."""
-    kind = IndexedStream if isinstance(corpus, IndexedCorpus) else ShardedStream
-    return kind(corpus, spec, **options)
+    if isinstance(corpus, IndexedCorpus):
+        return IndexedStream(corpus, spec, **options)
+    if isinstance(corpus, ShardedCorpus):
+        return ShardedStream(corpus, spec, **options)
+    return corpus.open_stream(spec, **options)  # a mixture (mixture.MixCorpus) opens its own
