@@ -27,8 +27,13 @@ from streamgpt.server.config import LimitsConfig
 from streamgpt.server.corpus import IndexedCorpus, ShardedCorpus
 from streamgpt.server.mixture import MixCorpus
 from streamgpt.server.protocol import ProtocolError
-from streamgpt.server.streams import ConsumerSpec, CursorError, NothingLeft, open_stream
-from streamgpt.server.streams import StreamBase as Stream
+from streamgpt.server.streams import (
+    ConsumerSpec,
+    CursorError,
+    NothingLeft,
+    StreamBase,
+    open_stream,
+)
 from streamgpt.wire import EXTENSIONS, PROTOCOL_VERSION
 
 log = logging.getLogger("streamgpt.server")
@@ -41,7 +46,7 @@ class Session:
     number: int
     peer: str
     consumer: ConsumerSpec | None = None
-    stream: Stream | None = None  # own stream of a consumer; None reads the shared stream
+    stream: StreamBase | None = None  # own stream of a consumer; None reads the shared stream
     start: dict[str, Any] = field(default_factory=dict)  # how to reopen the stream on reset
     samples: int = 0
     bytes: int = 0
@@ -236,7 +241,7 @@ class StreamServer:
                     f"has only {n} training documents; use at most {n} consumers or a larger corpus"
                 )
 
-    def _consumer_stream(self, spec: ConsumerSpec, epoch: int, cursor: Any) -> Stream:
+    def _consumer_stream(self, spec: ConsumerSpec, epoch: int, cursor: Any) -> StreamBase:
         return open_stream(
             self.corpus,
             spec,
@@ -246,7 +251,7 @@ class StreamServer:
             max_samples=self.max_samples,
         )
 
-    def _new_core_stream(self) -> Stream:
+    def _new_core_stream(self) -> StreamBase:
         remaining = None if self.max_samples is None else self.max_samples - self._core_passed
         return open_stream(
             self.corpus,
@@ -320,7 +325,7 @@ class StreamServer:
         self.bytes_served += len(reply)
         return reply
 
-    async def _fill(self, stream: Stream, n: int) -> tuple[list[bytes], dict[str, Any]]:
+    async def _fill(self, stream: StreamBase, n: int) -> tuple[list[bytes], dict[str, Any]]:
         try:
             if stream.blocking_io:
                 return await asyncio.to_thread(stream.payloads, n, self._validation_ids)
