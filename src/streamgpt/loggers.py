@@ -31,6 +31,8 @@ from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from streamgpt.config import WANDB_LOGGER
+
 log = logging.getLogger("streamgpt")
 
 # Overrides that say where or how a run happens, not what it is: never part of its name.
@@ -131,16 +133,13 @@ def checkpoint_identity(checkpoint: str | None) -> dict[str, Any]:
     return identity
 
 
-WANDB_TARGET = f"{__name__}.WandbLogger"
-
-
-def build_loggers(cfg: DictConfig, run_dir: Path, identity: dict[str, Any]) -> list:
+def build_loggers(cfg: DictConfig, identity: dict[str, Any]) -> list:
     """The run's loggers, one per entry of `cfg.logger` (Hydra `_target_`s: wandb, csv,
     tensorboard, or any Lightning logger); `identity` (from the checkpoint) makes a resume the
     same W&B run."""
     loggers = []
     for key, conf in cfg.logger.items():
-        if conf._target_ == WANDB_TARGET:
+        if conf._target_ == WANDB_LOGGER:  # this module's WandbLogger
             loggers.append(_wandb(conf, identity))
             continue
         logger = instantiate(conf)

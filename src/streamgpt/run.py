@@ -52,7 +52,7 @@ def train(cfg: DictConfig, head: HeadStart) -> float | None:
     summary: list[str] = []
     exit_code = 1  # until fit returns
     try:
-        loggers = build_loggers(cfg, run_dir, checkpoint_identity(head.checkpoint))
+        loggers = build_loggers(cfg, checkpoint_identity(head.checkpoint))
         for logger in loggers if global_rank() == 0 else []:
             _ = logger.experiment  # W&B starts now, while the tokenizer may still train
         STARTUP.mark("loggers (W&B)")
