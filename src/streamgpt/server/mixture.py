@@ -35,7 +35,6 @@ from streamgpt.server.streams import (
     StreamBase,
     check_cursor,
     open_stream,
-    quota,
 )
 
 # (components of the positions, samples each component gives, the interleaving function)
@@ -197,11 +196,8 @@ class MixStream(StreamBase):
         max_epochs: int | None = None,
         max_samples: int | None = None,
     ) -> None:
-        self.corpus = corpus
-        self.spec = spec
+        self._open_end(corpus, spec, max_epochs, max_samples)
         self.blocking_io = corpus.blocking_io
-        self.max_epochs = max_epochs if spec.split == "train" else None
-        self.quota = quota(max_samples, spec)
         starts: dict[str, Any] = dict.fromkeys(corpus.names)
         if cursor is not None:
             check_cursor(cursor, corpus.fingerprint, spec, ("epoch", "n"))

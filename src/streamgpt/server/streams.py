@@ -73,6 +73,16 @@ class StreamBase(ABC):
     def cursor(self) -> dict[str, Any]:
         """The position after the last chunk taken, which rebuilds the stream from there."""
 
+    def _open_end(
+        self, corpus: Any, spec: ConsumerSpec, max_epochs: int | None, max_samples: int | None
+    ) -> None:
+        """The corpus, the consumer and the configured end (training streams only end by epochs;
+        max_samples is split among the consumers)."""
+        self.corpus = corpus
+        self.spec = spec
+        self.max_epochs = max_epochs if spec.split == "train" else None
+        self.quota = quota(max_samples, spec)
+
     def payloads(self, n: int, exclude: frozenset[str]) -> tuple[list[bytes], dict[str, Any]]:
         """Up to n encoded samples and the cursor after them, skipping the ids in `exclude`
         (setValidationIds); fewer only at the stream's end."""
@@ -118,10 +128,7 @@ class Stream(StreamBase):
         max_epochs: int | None = None,
         max_samples: int | None = None,
     ) -> None:
-        self.corpus = corpus
-        self.spec = spec
-        self.max_epochs = max_epochs if spec.split == "train" else None
-        self.quota = quota(max_samples, spec)
+        self._open_end(corpus, spec, max_epochs, max_samples)
         self.epoch, self.n = epoch, 0
         for name in self.POSITION:
             setattr(self, name, 0)
