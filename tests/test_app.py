@@ -121,6 +121,7 @@ BAD_VALUES = [
     ("+trainer.profiler.dirpath=x", "trainer.profiler needs a _target_"),
     ("tags=[ok,'']", "tags must be a list of words"),
     ("data.stream.overfit_batches=-1", "data.stream.overfit_batches must be >= 0"),
+    ("data.stream.elastic.streams=-2", "data.stream.elastic.streams=-2: must be a positive"),
     ("resume=yes", "resume must be 'auto' or null"),
     ("ckpt_path=/nonexistent/last.ckpt", "ckpt_path=/nonexistent/last.ckpt: no such file"),
     ("peak_flops=0", "peak_flops must be positive or null"),
@@ -140,6 +141,24 @@ def test_every_bad_value_is_refused_in_one_line_naming_the_key(override, message
     with pytest.raises(ValueError, match=re.escape(message)) as error:
         validate(cfg)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.devices=3"], "ranks x accumulate_grad_batches = 3 does not divide the 4"),
+        (["trainer.devices=2", "trainer.accumulate_grad_batches=4"], "= 8 does not divide the 4"),
+        (["data.stream.num_workers=3"], "3 workers per rank do not divide phases x accumulate"),
+        (["data.stream.overfit_batches=2"], "data.stream.overfit_batches and data.stream.elastic"),
+    ],
+)
+def test_a_topology_elastic_data_cannot_serve_exactly_is_refused_in_one_line(overrides, message):
+    elastic = ["data.stream.elastic.streams=4", "data.stream.elastic.phases=2"]
+    cfg = compose_train([*elastic, "trainer.accelerator=cpu", *overrides])
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        validate(cfg)
+    assert "\n" not in str(error.value)
+    validate(compose_train([*elastic, "trainer.devices=2", "data.stream.num_workers=2"]))
 
 
 def test_a_bad_files_source_is_refused_in_one_line_before_any_data_is_read(tmp_path):

@@ -7,12 +7,12 @@ from __future__ import annotations
 import math
 import os
 import signal
-from pathlib import Path
 
 import pytest
 
 from streamgpt.server.process import ServerProcess
 
+from .helpers.corpora import small_corpus
 from .helpers.runs import batches, output, processes_using, start, train, wait_for
 from .helpers.servers import Client, ids
 
@@ -56,18 +56,6 @@ def test_ddp_through_train_py_killed_and_resumed_trains_the_batches_of_an_undist
         for b in got:  # every consumer's state came back through the all-gather
             assert (got[b]["ids"], got[b]["x"]) == (want[rank][b]["ids"], want[rank][b]["x"]), b
     assert processes_using(run) == []
-
-
-def small_corpus(folder: Path, documents: int = 24) -> dict[str, int]:
-    """Text files of 150-450 words; returns each document's word count."""
-    folder.mkdir()
-    words = {}
-    for d in range(documents):
-        n = 150 + 13 * d
-        body = " ".join(f"w{d}x{i % 37}" for i in range(n))
-        (folder / f"doc{d:02d}.txt").write_text(body)
-        words[f"doc{d:02d}.txt"] = n
-    return words
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from omegaconf import MISSING, OmegaConf
 
 from streamgpt import command_line
 from streamgpt.command_line import register_help
+from streamgpt.data import elastic
 from streamgpt.data.config import StreamConfig, TokenizerConfig
 from streamgpt.data.tokenizer import is_hub_name
 from streamgpt.hf_init import check_init_from
@@ -152,6 +153,7 @@ def validate(cfg: Any) -> None:
     _model(cfg)
     _stream(cfg.data.stream)
     _trainer(cfg.trainer)
+    elastic.check_config(cfg)
     _callbacks(cfg.callbacks, cfg)
     _resume(cfg)
     _logger(cfg.logger)

@@ -75,3 +75,15 @@ def write_user_corpus(folder: Path, seed: int = 1) -> dict[str, int]:
     pq.write_table(table, folder / "pages.parquet")
     counts["pages.parquet"] = 4
     return counts
+
+
+def small_corpus(folder: Path, documents: int = 24) -> dict[str, int]:
+    """Text files of 150-450 words; returns each document's word count."""
+    folder.mkdir()
+    words = {}
+    for d in range(documents):
+        n = 150 + 13 * d
+        body = " ".join(f"w{d}x{i % 37}" for i in range(n))
+        (folder / f"doc{d:02d}.txt").write_text(body)
+        words[f"doc{d:02d}.txt"] = n
+    return words

@@ -15,6 +15,14 @@ class RetryConfig:
 
 
 @dataclass
+class ElasticConfig:
+    # > 0: the data is cut into streams x phases canonical streams (data/elastic.py), so the
+    # batches of every step are the same whatever the ranks, workers and accumulation.
+    streams: int = 0
+    phases: int = 1
+
+
+@dataclass
 class StreamConfig:
     # One url, or a list: consumer k reads from url[k % len(url)] (server replicas).
     # null: start the embedded server (train.py does this).
@@ -39,6 +47,7 @@ class StreamConfig:
     log_batches: bool = False
     # > 0: train on the first this many batches of the stream, over and over (debug=overfit).
     overfit_batches: int = 0
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
 
 
 @dataclass

@@ -46,7 +46,10 @@ class ConsumerFeed:
         encode: Callable[[list[str]], list[list[int]]],
         token: str | None,
         state: dict[str, Any] | None = None,
+        rows: int | None = None,
     ) -> None:
+        """`rows`: sequences per batch, if not cfg.batch_size (a canonical stream's share of a
+        step, data/elastic.py)."""
         self.url = url
         self.consumer = consumer
         self.k = consumer["rank"] * consumer["num_workers"] + consumer["worker"]
@@ -54,7 +57,7 @@ class ConsumerFeed:
         self.encode = encode
         self.token = token
         self.cursor = state["cursor"] if state else None
-        self.packer = TokenPacker(cfg.batch_size, cfg.max_length, state)
+        self.packer = TokenPacker(rows or cfg.batch_size, cfg.max_length, state)
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, cfg.prefetch_batches))
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -63,9 +66,14 @@ class ConsumerFeed:
         self.reconnects = 0
         self._conn: Connection | None = None  # the open connection, for close() to interrupt
 
+    def start(self) -> None:
+        """Start reading ahead (iterating starts it too)."""
+        if self._thread.ident is None:
+            _FEEDS.add(self)
+            self._thread.start()
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        _FEEDS.add(self)
-        self._thread.start()
+        self.start()
         try:
             while True:
                 item = self.queue.get()

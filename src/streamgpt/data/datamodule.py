@@ -8,6 +8,8 @@
 - train_dataloader: one StreamDataset consumer per (rank, worker), disjoint and deterministic.
 - state_dict / load_state_dict: every consumer's cursor and untrained tokens, gathered from all
   ranks into the checkpoint; a resume continues with the batch the run would have trained next.
+  With elastic data (data.stream.elastic, elastic.py) they are every canonical stream's, and the
+  resumed run may have other ranks, workers and accumulation.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from streamgpt.data.client import StreamError
 from streamgpt.data.consumer import close_feeds
 from streamgpt.data.dataset import FirstBatches, StreamDataset
+from streamgpt.data.elastic import Layout
 from streamgpt.data.packing import Encoder, TokenPacker
 from streamgpt.data.stream_setup import StreamSetup
 
 log = logging.getLogger("streamgpt.data")
 
-STATE_VERSION = 1
+STATE_VERSION = 1  # one stream per consumer; resumed by the same ranks x workers
+ELASTIC_STATE_VERSION = 2  # canonical streams; resumed by any topology that divides them
 
 
 class StreamDataModule(L.LightningDataModule):
@@ -62,6 +66,7 @@ class StreamDataModule(L.LightningDataModule):
         self._states: dict[
             int, dict[str, Any]
         ] = {}  # consumer -> state after its last trained batch
+        self._units: dict[int, dict[str, Any]] = {}  # canonical stream -> state (elastic data)
         self._trained = 0  # batches this rank has trained
         self._resume: dict[str, Any] | None = None
         self.last_ids: list[str] = []  # sample ids that started in the last trained batch
@@ -86,6 +91,29 @@ class StreamDataModule(L.LightningDataModule):
     @property
     def num_consumers_per_rank(self) -> int:
         return max(1, self.cfg.num_workers)
+
+    @property
+    def accumulate(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.accumulate_grad_batches if trainer is not None else 1
+
+    def layout(self) -> Layout | None:
+        """The canonical streams and this run's consumers of them, with elastic data."""
+        elastic = self.cfg.elastic
+        if not elastic.streams:
+            return None
+        layout = Layout(
+            streams=elastic.streams,
+            phases=elastic.phases,
+            global_batch=self.cfg.batch_size * self.world_size * self.accumulate,
+            ranks=self.world_size,
+            accumulate=self.accumulate,
+            workers=self.num_consumers_per_rank,
+        )
+        problem = layout.problem()
+        if problem:
+            raise StreamError(problem)
+        return layout
 
     @property
     def finite(self) -> bool:
@@ -159,11 +187,22 @@ class StreamDataModule(L.LightningDataModule):
         if workers > 0:
             # Tokenization parallelism in a forked worker can deadlock; each worker is a consumer.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        states, phase = {}, 0
-        if self._resume is not None:
+        states, phase, first = {}, 0, 0
+        layout = self.layout()
+        # Each rank keeps the restored states of its own streams only: the next checkpoint
+        # gathers every rank's, and a copy of another rank's would overwrite that rank's newer one.
+        if self._resume is not None and layout is not None:
+            states = {int(k): v for k, v in self._resume["units"].items()}
+            first = self._trained
+            self._units = {u: v for u, v in states.items() if layout.rank_of(u) == self.rank}
+        elif self._resume is not None:
             states = {int(k): v for k, v in self._resume["consumers"].items()}
             phase = self._resume["batches"].get(str(self.rank), 0) % self.num_consumers_per_rank
-            self._states = dict(states)
+            mine = range(
+                self.rank * self.num_consumers_per_rank,
+                (self.rank + 1) * self.num_consumers_per_rank,
+            )
+            self._states = {k: v for k, v in states.items() if k in mine}
         dataset = StreamDataset(
             urls=self.urls,
             cfg=self.cfg,
@@ -175,6 +214,8 @@ class StreamDataModule(L.LightningDataModule):
             world_size=self.world_size,
             states=states,
             phase=phase,
+            layout=layout,
+            first=first,
         )
         if self.cfg.overfit_batches:
             return DataLoader(FirstBatches(dataset, self.cfg.overfit_batches), batch_size=None)
@@ -196,8 +237,11 @@ class StreamDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Record the consumer state of each training batch as it goes to the model."""
-        if isinstance(batch, dict) and "state" in batch:
-            self._states[batch["consumer"]] = batch["state"]
+        if isinstance(batch, dict) and "x" in batch:
+            if "units" in batch:
+                self._units.update(batch["units"])
+            else:
+                self._states[batch["consumer"]] = batch["state"]
             self._trained += 1
             self.last_ids = batch["ids"]
             self.saw_last_batch = self.saw_last_batch or batch.get("last", False)
@@ -207,20 +251,27 @@ class StreamDataModule(L.LightningDataModule):
         return batch
 
     def _log_batch(self, batch: dict[str, Any]) -> None:
-        digest = hashlib.blake2b(batch["x"].numpy().tobytes(), digest_size=8).hexdigest()
+        def digest(x: torch.Tensor) -> str:
+            return hashlib.blake2b(x.numpy().tobytes(), digest_size=8).hexdigest()
+
         line = {
             "batch": self._trained,
+            "step": (self._trained - 1) // self.accumulate,
             "consumer": batch["consumer"],
             "ids": batch["ids"],
-            "x": digest,
+            "x": digest(batch["x"]),
+            "rows": [digest(row) for row in batch["x"]],  # the same sequences, any batch shapes
         }
+        if "unit_ids" in batch:  # elastic data: the samples of each canonical stream
+            line["units"] = {str(u): ids for u, ids in batch["unit_ids"].items()}
         with (self.run_dir / f"batches-rank{self.rank}.jsonl").open("ab") as f:
             f.write(orjson.dumps(line) + b"\n")
 
     # -- exact resume ------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        mine = {"consumers": self._states, "batches": self._trained}
+        elastic = self.cfg.elastic.streams > 0
+        mine = {"consumers": self._units if elastic else self._states, "batches": self._trained}
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, (self.rank, mine))
@@ -231,19 +282,49 @@ class StreamDataModule(L.LightningDataModule):
         for rank, part in gathered:
             consumers.update({str(k): v for k, v in part["consumers"].items()})
             batches[str(rank)] = part["batches"]
-        return {
-            "version": STATE_VERSION,
+        topology = {
             "world_size": self.world_size,
             "num_workers": self.num_consumers_per_rank,
             "seed": self.cfg.seed,
             "urls": len(self.urls),
-            "consumers": consumers,
             "batches": batches,
+        }
+        if elastic:
+            return {
+                "version": ELASTIC_STATE_VERSION,
+                **topology,
+                "accumulate": self.accumulate,
+                "elastic": self._canonical(),
+                "units": consumers,
+            }
+        return {"version": STATE_VERSION, **topology, "consumers": consumers}
+
+    def _canonical(self) -> dict[str, int]:
+        """What fixes the sequences of every step (with the corpus and the seed)."""
+        layout = self.layout()
+        assert layout is not None
+        return {
+            "streams": layout.streams,
+            "phases": layout.phases,
+            "global_batch": layout.global_batch,
+            "max_length": self.cfg.max_length,
+            "seed": self.cfg.seed,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data state version {state.get('version')} is not {STATE_VERSION}")
+        version, elastic = state.get("version"), self.cfg.elastic.streams > 0
+        if version == ELASTIC_STATE_VERSION and elastic:
+            self._load_elastic(state)
+            return
+        if version == ELASTIC_STATE_VERSION or (version == STATE_VERSION and elastic):
+            then = "elastic" if version == ELASTIC_STATE_VERSION else "per-consumer"
+            raise ValueError(
+                f"the checkpoint's data was read as {then} streams and this run asks for "
+                f"data.stream.elastic.streams={self.cfg.elastic.streams}: resume with the "
+                "checkpoint's data.stream.elastic settings"
+            )
+        if version != STATE_VERSION:
+            raise ValueError(f"data state version {version} is not {STATE_VERSION}")
         now = (self.world_size, self.num_consumers_per_rank, self.cfg.seed)
         then = (state["world_size"], state["num_workers"], state["seed"])
         if now != then:
@@ -251,7 +332,36 @@ class StreamDataModule(L.LightningDataModule):
                 f"the checkpoint's stream was read by {then[0]} ranks x {then[1]} workers with "
                 f"seed {then[2]}; this run has {now[0]} x {now[1]} with seed {now[2]}. Consumer "
                 "identities would change, so the data would not continue exactly: resume with the "
-                "same trainer.devices x num_nodes, data.stream.num_workers and data.stream.seed"
+                "same trainer.devices x num_nodes, data.stream.num_workers and data.stream.seed, "
+                "or train with data.stream.elastic to resume on others"
             )
         self._resume = state
         self._trained = state["batches"].get(str(self.rank), 0)
+
+    def _load_elastic(self, state: dict[str, Any]) -> None:
+        """Canonical streams resume on any topology that divides them: micro-batches continue
+        from the checkpoint's step, at this run's accumulation."""
+        now, then = self._canonical(), state["elastic"]
+        if now != then:
+            changed = ", ".join(f"{k} {then[k]} -> {now[k]}" for k in now if now[k] != then.get(k))
+            raise ValueError(
+                f"the checkpoint's data is canonical streams {then} and this run's would be "
+                f"{now} ({changed}): the global batch (batch_size x devices x num_nodes x "
+                "accumulate_grad_batches), max_length, seed and data.stream.elastic must stay "
+                "the same for the data to continue exactly"
+            )
+        trained = max(state["batches"].values(), default=0)
+        if state["accumulate"] == self.accumulate:
+            first = trained  # even within a step, as a run of the same accumulation would
+        else:
+            steps, partial = divmod(trained, state["accumulate"])
+            if partial:
+                raise ValueError(
+                    f"the checkpoint was saved after {partial} of {state['accumulate']} "
+                    "accumulated micro-batches of a step; resume it with the same "
+                    "trainer.accumulate_grad_batches, or from a checkpoint saved at the end of "
+                    "a step (every periodic checkpoint is)"
+                )
+            first = steps * self.accumulate
+        self._resume = state
+        self._trained = first

@@ -1,16 +1,20 @@
 """The training stream of one rank as a torch IterableDataset: each DataLoader worker (or the
-main process) is one consumer (consumer.py), disjoint from every other and deterministic."""
+main process) is one consumer (consumer.py), disjoint from every other and deterministic. With
+elastic data (elastic.py) a consumer reads several canonical streams and assembles each
+micro-batch from the streams it is made of."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from tokenizers import Tokenizer
 from torch.utils.data import IterableDataset, get_worker_info
 
 from streamgpt.data.consumer import ConsumerFeed
+from streamgpt.data.elastic import Layout
 from streamgpt.data.packing import Encoder
 
 
@@ -30,7 +34,12 @@ class StreamDataset(IterableDataset):
         world_size: int,
         states: dict[int, dict[str, Any]],
         phase: int = 0,
+        layout: Layout | None = None,
+        first: int = 0,
     ) -> None:
+        """`states`: by consumer (or by canonical stream, with a `layout`), the state after its
+        last trained batch. `phase` (per-consumer streams) and `first` (elastic: this rank's
+        micro-batch the DataLoader starts at) place a resumed run's workers."""
         super().__init__()
         self.urls = urls
         self.cfg = cfg
@@ -42,6 +51,8 @@ class StreamDataset(IterableDataset):
         self.world_size = world_size
         self.states = states
         self.phase = phase
+        self.layout = layout
+        self.first = first
 
     def consumer(self, worker: int, num_workers: int) -> dict[str, Any]:
         # After a resume, worker process j plays consumer (j + phase) % N, so that the DataLoader's
@@ -60,9 +71,12 @@ class StreamDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        encode = Encoder(Tokenizer.from_str(self.tokenizer_json), self.server_eot, self.eos_token)
+        if self.layout is not None:
+            yield from self._elastic(worker, num_workers, encode)
+            return
         consumer = self.consumer(worker, num_workers)
         k = self.rank * num_workers + consumer["worker"]
-        encode = Encoder(Tokenizer.from_str(self.tokenizer_json), self.server_eot, self.eos_token)
         feed = ConsumerFeed(
             self.urls[k % len(self.urls)],
             consumer,
@@ -72,6 +86,51 @@ class StreamDataset(IterableDataset):
             self.states.get(k),
         )
         yield from feed
+
+    def _elastic(
+        self, worker: int, num_workers: int, encode: Callable[[list[str]], list[list[int]]]
+    ) -> Iterator[dict[str, Any]]:
+        """This worker's micro-batches (first+worker, first+worker+W, ...), each the next rows of
+        the canonical streams it is made of, in stream order."""
+        layout = self.layout
+        assert layout is not None
+        feeds = {
+            u: ConsumerFeed(
+                self.urls[u % len(self.urls)],
+                layout.consumer(u, self.cfg.seed),
+                self.cfg,
+                encode,
+                self.token,
+                self.states.get(u),
+                rows=layout.rows,
+            )
+            for u in layout.units_of_worker(self.rank, worker, self.first)
+        }
+        for feed in feeds.values():
+            feed.start()  # every stream reads ahead from the start
+        rows = {u: iter(feed) for u, feed in feeds.items()}
+        i = self.first + worker
+        try:
+            while True:
+                parts = []
+                for u in layout.units_of_micro_batch(self.rank, i):
+                    part = next(rows[u], None)
+                    if part is None:  # a stream ended: so does the data of this step
+                        return
+                    parts.append((u, part))
+                yield {
+                    "x": torch.cat([p["x"] for _, p in parts]),
+                    "y": torch.cat([p["y"] for _, p in parts]),
+                    "ids": [sid for _, p in parts for sid in p["ids"]],
+                    "consumer": self.rank * num_workers + worker,
+                    "units": {u: p["state"] for u, p in parts},
+                    "unit_ids": {u: p["ids"] for u, p in parts},
+                    "last": any(p.get("last", False) for _, p in parts),
+                }
+                i += num_workers
+        finally:
+            for feed in feeds.values():
+                feed.close()
 
 
 class FirstBatches(IterableDataset):
