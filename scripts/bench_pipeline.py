@@ -1,10 +1,12 @@
 """The data pipeline alone: tokens/s delivered as training batches (no model), in one run.
 
 Our server (embedded corpus) feeds StreamDataModule with 1 consumer (the main process) and with 4
-(DataLoader workers); batches are drawn as fast as they come. Reported: tokens/s, the time to the
-first batch, and tokens per CPU-second of the client (JSON, tokenization, packing: the cost a
-trainer host pays per core). Against it, in the same run: babygpt training tokens/s on this CPU
-(fp32), and, on paper, what one H100 training babygpt at 40% MFU needs per core of a 16-core host.
+(DataLoader workers), each with one stream per consumer and with elastic data (32 canonical
+streams: 8 per step x 4 phases); batches are drawn as fast as they come. Reported: tokens/s,
+the time to the first batch, and tokens per CPU-second of the client (JSON, tokenization,
+packing: the cost a trainer host pays per core). Against it, in the same run: babygpt training
+tokens/s on this CPU (fp32), and, on paper, what one H100 training babygpt at 40% MFU needs per
+core of a 16-core host.
 
     python scripts/bench_pipeline.py [--seconds 8]
 """
@@ -24,6 +26,7 @@ import psutil
 import torch
 
 from streamgpt.data import StreamConfig, StreamDataModule, TokenizerConfig
+from streamgpt.data.config import ElasticConfig
 from streamgpt.server.process import ServerProcess
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,6 +34,7 @@ from bench_train import load_config
 
 H100_BF16 = 989.5e12
 BATCH, LENGTH = 64, 512  # babygpt / EIR tutorial 02
+ELASTIC = ElasticConfig(streams=8, phases=4)  # up to 8 ranks x accumulation, 4 workers per rank
 
 
 def cpu_seconds(proc: psutil.Process) -> float:
@@ -41,7 +45,7 @@ def cpu_seconds(proc: psutil.Process) -> float:
     return total
 
 
-def pipeline(url: str, tokenizer: Path, consumers: int, seconds: float) -> dict:
+def pipeline(url: str, tokenizer: Path, consumers: int, elastic: bool, seconds: float) -> dict:
     run = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     shutil.copy(tokenizer, run / "tokenizer.json")
     cfg = StreamConfig(
@@ -51,6 +55,7 @@ def pipeline(url: str, tokenizer: Path, consumers: int, seconds: float) -> dict:
         valid_size=0,
         num_workers=consumers if consumers > 1 else 0,
         prefetch_batches=8,
+        elastic=ELASTIC if elastic else ElasticConfig(),
     )
     dm = StreamDataModule(cfg, TokenizerConfig(), run)
     dm.setup()
@@ -70,6 +75,7 @@ def pipeline(url: str, tokenizer: Path, consumers: int, seconds: float) -> dict:
     shutil.rmtree(run)
     return {
         "consumers": consumers,
+        "streams": f"{ELASTIC.streams * ELASTIC.phases} canonical" if elastic else "1 per consumer",
         "tokens_per_s": tokens / elapsed,
         "first_batch_s": first,
         "tokens_per_cpu_s": tokens / cpu,
@@ -112,19 +118,31 @@ def main() -> None:
             run,
         )
         setup.prepare_data()  # the tokenizer babygpt would use: BPE 8192 on streamed text
-        rows = [pipeline(server.url, run / "tokenizer.json", c, args.seconds) for c in (1, 4)]
+        rows = [
+            pipeline(server.url, run / "tokenizer.json", c, elastic, args.seconds)
+            for elastic in (False, True)
+            for c in (1, 4)
+        ]
     train_rate = babygpt_cpu_tokens_per_s(args.seconds)
     model = __import__("streamgpt.model", fromlist=["GPT"]).GPT(load_config("babygpt"))
     h100 = 0.40 * H100_BF16 / model.flops_per_token()
     per_core = h100 / 16
 
     print(f"\npipeline: batches of {BATCH} x {LENGTH} tokens from a live stream (no model)")
-    print("| consumers | tokens/s | first batch s | tokens per client CPU-second |")
-    print("|---|---|---|---|")
+    print("| consumers | streams | tokens/s | first batch s | tokens per client CPU-second |")
+    print("|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['consumers']} | {r['tokens_per_s']:.0f} | {r['first_batch_s']:.2f} | "
-            f"{r['tokens_per_cpu_s']:.0f} |"
+            f"| {r['consumers']} | {r['streams']} | {r['tokens_per_s']:.0f} | "
+            f"{r['first_batch_s']:.2f} | {r['tokens_per_cpu_s']:.0f} |"
+        )
+    for c in (1, 4):
+        plain, elastic = (r for r in rows if r["consumers"] == c)
+        speed = elastic["tokens_per_s"] / plain["tokens_per_s"]
+        cost = elastic["tokens_per_cpu_s"] / plain["tokens_per_cpu_s"]
+        print(
+            f"elastic data with {c} consumer(s): {speed:.2f} of the tokens/s, {cost:.2f} of the "
+            "tokens per client CPU-second"
         )
     best = max(r["tokens_per_s"] for r in rows)
     per_cpu = max(r["tokens_per_cpu_s"] for r in rows)
