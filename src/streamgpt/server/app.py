@@ -195,6 +195,9 @@ class StreamServer:
                 self._check_consumer(hello.consumer)
                 session.consumer = hello.consumer
                 session.start = {"epoch": hello.epoch, "cursor": hello.cursor}
+                if hello.stage is not None:
+                    self._check_stage(hello.stage)
+                    session.start["stage"] = hello.stage
                 session.stream = self._consumer_stream(hello.consumer, **session.start)
         except (ProtocolError, CursorError) as e:
             text = str(e) if isinstance(e, ProtocolError) else f"handshake: {e}"
@@ -213,8 +216,23 @@ class StreamServer:
                 if session.start["cursor"] is not None
                 else f" epoch={session.start['epoch']}"
             )
+            if "stage" in session.start:
+                mode += f" stage={session.start['stage']}"
         log.info("connection #%d from %s: %s", session.number, session.peer, mode)
         return True
+
+    def _check_stage(self, stage: int) -> None:
+        c = self.corpus
+        if not isinstance(c, MixCorpus) or c.by != "step":
+            raise ProtocolError(
+                "handshake: consumer.stage asks for a mixture's stage that starts from a step, "
+                "but this server's source has no such stages (source.stages[].from_step)"
+            )
+        if stage >= len(c.starts):
+            raise ProtocolError(
+                f"handshake: consumer.stage must be a stage of this mixture, 0 … "
+                f"{len(c.starts) - 1}, got {stage}"
+            )
 
     def _check_consumer(self, spec: ConsumerSpec) -> None:
         if spec.split == "validation":
@@ -241,12 +259,11 @@ class StreamServer:
                     f"has only {n} training documents; use at most {n} consumers or a larger corpus"
                 )
 
-    def _consumer_stream(self, spec: ConsumerSpec, epoch: int, cursor: Any) -> StreamBase:
+    def _consumer_stream(self, spec: ConsumerSpec, **start: Any) -> StreamBase:
         return open_stream(
             self.corpus,
             spec,
-            epoch=epoch,
-            cursor=cursor,
+            **start,  # epoch, cursor, and a mixture's stage if the handshake asks for one
             max_epochs=self.max_epochs,
             max_samples=self.max_samples,
         )
