@@ -18,18 +18,10 @@ from streamgpt.server.config import ServeConfig, validate
 from streamgpt.server.corpus import Chunking
 from streamgpt.server.sources import build_corpus
 
-from .helpers.corpora import text
+from .helpers.corpora import write_corpus
 from .helpers.servers import ids
 
 SWITCH = 3000
-
-
-def write_corpus(folder: Path, documents: int, seed: int) -> Path:
-    rng = random.Random(seed)
-    folder.mkdir(parents=True)
-    for i in range(documents):
-        (folder / f"{folder.name}{i}.txt").write_text(text(rng, rng.choice([30, 80, 150])))
-    return folder
 
 
 def mix_source(tmp: Path, staged: bool = True, **more) -> dict:

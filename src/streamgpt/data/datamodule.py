@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -26,7 +27,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, TensorDataset
 
 from streamgpt.data.client import StreamError
-from streamgpt.data.consumer import close_feeds
+from streamgpt.data.consumer import StepStages, close_feeds
 from streamgpt.data.dataset import FirstBatches, StreamDataset
 from streamgpt.data.packing import Encoder, TokenPacker
 from streamgpt.data.stream_setup import StreamSetup
@@ -164,6 +165,10 @@ class StreamDataModule(L.LightningDataModule):
             states = {int(k): v for k, v in self._resume["consumers"].items()}
             phase = self._resume["batches"].get(str(self.rank), 0) % self.num_consumers_per_rank
             self._states = dict(states)
+        step_stages = None
+        if starts := self.server.get("step_stages"):  # a mixture's stages from a training step
+            accumulate = self.trainer.accumulate_grad_batches if self.trainer else 1
+            step_stages = functools.partial(StepStages.of_worker, tuple(starts), accumulate)
         dataset = StreamDataset(
             urls=self.urls,
             cfg=self.cfg,
@@ -175,6 +180,7 @@ class StreamDataModule(L.LightningDataModule):
             world_size=self.world_size,
             states=states,
             phase=phase,
+            step_stages=step_stages,
         )
         if self.cfg.overfit_batches:
             return DataLoader(FirstBatches(dataset, self.cfg.overfit_batches), batch_size=None)

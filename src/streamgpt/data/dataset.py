@@ -4,13 +4,13 @@ main process) is one consumer (consumer.py), disjoint from every other and deter
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from tokenizers import Tokenizer
 from torch.utils.data import IterableDataset, get_worker_info
 
-from streamgpt.data.consumer import ConsumerFeed
+from streamgpt.data.consumer import ConsumerFeed, StepStages
 from streamgpt.data.packing import Encoder
 
 
@@ -30,6 +30,7 @@ class StreamDataset(IterableDataset):
         world_size: int,
         states: dict[int, dict[str, Any]],
         phase: int = 0,
+        step_stages: Callable[[int, int], StepStages] | None = None,  # (worker, num_workers)
     ) -> None:
         super().__init__()
         self.urls = urls
@@ -42,6 +43,7 @@ class StreamDataset(IterableDataset):
         self.world_size = world_size
         self.states = states
         self.phase = phase
+        self.step_stages = step_stages
 
     def consumer(self, worker: int, num_workers: int) -> dict[str, Any]:
         # After a resume, worker process j plays consumer (j + phase) % N, so that the DataLoader's
@@ -70,6 +72,7 @@ class StreamDataset(IterableDataset):
             encode,
             self.token,
             self.states.get(k),
+            self.step_stages(consumer["worker"], num_workers) if self.step_stages else None,
         )
         yield from feed
 
