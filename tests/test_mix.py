@@ -226,7 +226,7 @@ def test_status_reports_the_stages_that_start_from_a_step(serve, client, step_mi
     ("stage", "cursor_stage", "message"),
     [
         (0, 1, "consumer.stage 0 is before the cursor's stage 1"),
-        (2, 0, "consumer.stage must be a stage of this mixture, 0 … 1, got 2"),
+        (2, 0, "consumer.stage must be a stage in 0 … 1, got 2"),
         (-1, 0, "consumer.stage must be null or an integer"),
     ],
 )

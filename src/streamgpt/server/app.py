@@ -194,10 +194,7 @@ class StreamServer:
             if hello.consumer is not None:
                 self._check_consumer(hello.consumer)
                 session.consumer = hello.consumer
-                session.start = {"epoch": hello.epoch, "cursor": hello.cursor}
-                if hello.stage is not None:
-                    self._check_stage(hello.stage)
-                    session.start["stage"] = hello.stage
+                session.start = {"epoch": hello.epoch, "cursor": hello.cursor, "stage": hello.stage}
                 session.stream = self._consumer_stream(hello.consumer, **session.start)
         except (ProtocolError, CursorError) as e:
             text = str(e) if isinstance(e, ProtocolError) else f"handshake: {e}"
@@ -216,23 +213,10 @@ class StreamServer:
                 if session.start["cursor"] is not None
                 else f" epoch={session.start['epoch']}"
             )
-            if "stage" in session.start:
+            if session.start["stage"] is not None:
                 mode += f" stage={session.start['stage']}"
         log.info("connection #%d from %s: %s", session.number, session.peer, mode)
         return True
-
-    def _check_stage(self, stage: int) -> None:
-        c = self.corpus
-        if not isinstance(c, MixCorpus) or c.by != "step":
-            raise ProtocolError(
-                "handshake: consumer.stage asks for a mixture's stage that starts from a step, "
-                "but this server's source has no such stages (source.stages[].from_step)"
-            )
-        if stage >= len(c.starts):
-            raise ProtocolError(
-                f"handshake: consumer.stage must be a stage of this mixture, 0 … "
-                f"{len(c.starts) - 1}, got {stage}"
-            )
 
     def _check_consumer(self, spec: ConsumerSpec) -> None:
         if spec.split == "validation":
@@ -263,7 +247,7 @@ class StreamServer:
         return open_stream(
             self.corpus,
             spec,
-            **start,  # epoch, cursor, and a mixture's stage if the handshake asks for one
+            **start,  # epoch, cursor, stage
             max_epochs=self.max_epochs,
             max_samples=self.max_samples,
         )

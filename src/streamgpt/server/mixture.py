@@ -30,6 +30,7 @@ from typing import Any
 from streamgpt.server.corpus import Chunk, Chunking, fingerprint_of
 from streamgpt.server.streams import (
     CURSOR_VERSION,
+    NO_STEP_STAGES,
     ConsumerSpec,
     CursorError,
     Stream,
@@ -254,6 +255,10 @@ class MixStream(StreamBase):
         if cursor is not None and cursor["n"] != self.n:
             raise CursorError(f"cursor n={cursor['n']} is not the sum of its parts' n ({self.n})")
         self.switches: list[tuple[int, int]] = []
+        if stage is not None and corpus.by != "step":
+            raise CursorError(NO_STEP_STAGES)
+        if stage is not None and stage >= (stages := len(corpus.starts)):
+            raise CursorError(f"consumer.stage must be a stage in 0 … {stages - 1}, got {stage}")
         if corpus.by == "step" and spec.split == "train":
             if cursor is not None:
                 self.switches = _switches_of(cursor, len(corpus.starts))
