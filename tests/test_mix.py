@@ -18,18 +18,10 @@ from streamgpt.server.config import ServeConfig, validate
 from streamgpt.server.corpus import Chunking
 from streamgpt.server.sources import build_corpus
 
-from .helpers.corpora import text
+from .helpers.corpora import write_corpus
 from .helpers.servers import ids
 
 SWITCH = 3000
-
-
-def write_corpus(folder: Path, documents: int, seed: int) -> Path:
-    rng = random.Random(seed)
-    folder.mkdir(parents=True)
-    for i in range(documents):
-        (folder / f"{folder.name}{i}.txt").write_text(text(rng, rng.choice([30, 80, 150])))
-    return folder
 
 
 def mix_source(tmp: Path, staged: bool = True, **more) -> dict:
@@ -182,6 +174,79 @@ def test_validation_holds_out_each_components_documents_with_prefixed_ids(serve,
     assert training.isdisjoint(held)
 
 
+STEP_STAGES = [{"from_step": 40, "weights": {"plays": 0.2, "notes": 0.8}}]
+
+
+@pytest.fixture(scope="module")
+def step_mixture(tmp_path_factory):
+    cfg = serve_config(mix_source(tmp_path_factory.mktemp("steps"), stages=STEP_STAGES))
+    validate(cfg)
+    return build_corpus(cfg.source, Chunking(words=16))
+
+
+def test_a_step_stage_starts_where_the_handshake_asks_and_resumes_exactly(
+    serve, client, step_mixture
+):
+    server = serve(step_mixture)
+    hello = consumer(1, 2)
+    before, cursors = read(client(server.url, hello), 1000, batch=100)
+    assert abs(shares(before)["plays"] - 0.8) < 0.01
+    assert cursors[-1]["switches"] == []
+    unasked, _ = read(client(server.url, {**hello, "cursor": cursors[-1]}), 2000)
+    assert abs(shares(unasked)["plays"] - 0.8) < 0.01, "without `stage`, the cursor's stage"
+    rng = random.Random(0)
+    c = client(server.url, {**hello, "cursor": cursors[-1], "stage": 1})
+    flat, cuts = [], []
+    while len(flat) < 3000:
+        reply = c.data(rng.choice([1, 37, 200]))
+        flat += ids(reply)
+        cuts.append((len(flat), reply["cursor"]))
+    assert abs(shares(flat)["notes"] - 0.8) < 0.01 and shares(flat[:10])["notes"] >= 0.7
+    notes = 0
+    for t, sample_id in enumerate(flat, start=1):
+        notes += sample_id.startswith("notes/")
+        assert abs(notes - 0.8 * t) <= 2, f"sample {t} after the switch"
+    assert cuts[-1][1]["switches"] == [[1, 1000]]
+    for done, cursor in rng.sample(cuts[:-1], 4):
+        for again in ({}, {"stage": 1}):  # the cursor's stage, asked or not
+            resumed = client(server.url, {**hello, "cursor": cursor, **again})
+            want = flat[done : done + 500]
+            assert read(resumed, len(want), batch=97)[0] == want, f"resume after {done} diverged"
+
+
+def test_status_reports_the_stages_that_start_from_a_step(serve, client, step_mixture):
+    c = client(serve(step_mixture).url)
+    status = c.ask({"type": "status", "payload": {}})["payload"]
+    stages = [{"from_step": 0, "weights": {"plays": 0.8, "notes": 0.2}}, *STEP_STAGES]
+    assert status["corpus"]["stages"] == status["mixture"]["stages"] == stages
+    assert (status["mixture"]["stage"], status["mixture"]["from_sample"]) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("stage", "cursor_stage", "message"),
+    [
+        (0, 1, "consumer.stage 0 is before the cursor's stage 1"),
+        (2, 0, "consumer.stage must be a stage in 0 … 1, got 2"),
+        (-1, 0, "consumer.stage must be null or an integer"),
+    ],
+)
+def test_a_stage_the_stream_cannot_take_fails_the_handshake(
+    serve, client, step_mixture, stage, cursor_stage, message
+):
+    server = serve(step_mixture)
+    _, cursors = read(client(server.url, {**consumer(0, 1), "stage": cursor_stage}), 10)
+    c = client(server.url, handshake=False)
+    hello = {**consumer(0, 1), "cursor": cursors[-1], "stage": stage}
+    reply = c.ask({"type": "handshake", "version": "1.0", "consumer": hello})
+    assert reply["type"] == "error" and message in reply["payload"]["message"]
+
+
+def test_a_stage_is_refused_by_a_server_without_step_stages(serve, client, mixture):
+    c = client(serve(mixture).url, handshake=False)
+    reply = c.ask({"type": "handshake", "version": "1.0", "consumer": {"stage": 1}})
+    assert reply["type"] == "error" and "from_step" in reply["payload"]["message"]
+
+
 def read_to_end(c) -> list[str]:
     out = []
     while (reply := c.data(64))["payload"] != ["terminate"]:
@@ -222,6 +287,33 @@ def test_max_epochs_ends_when_a_component_would_repeat(serve, client, mixture):
                 ]
             },
             "stages[1].from_sample must be greater than 9",
+        ),
+        (
+            {"stages": [{"from_sample": 5, "from_step": 5, "weights": {"plays": 1, "notes": 1}}]},
+            "stages[0] must be given exactly one of from_sample and from_step",
+        ),
+        ({"stages": [{"weights": {"plays": 1, "notes": 1}}]}, "stages[0] must be given exactly"),
+        (
+            {"stages": [{"from_step": 0, "weights": {"plays": 1, "notes": 1}}]},
+            "stages[0].from_step must be greater than 0",
+        ),
+        (
+            {
+                "stages": [
+                    {"from_step": 9, "weights": {"plays": 1, "notes": 1}},
+                    {"from_sample": 50, "weights": {"plays": 1, "notes": 1}},
+                ]
+            },
+            "stages[1] must be given from_step like stages[0]",
+        ),
+        (
+            {
+                "stages": [
+                    {"from_step": 9, "weights": {"plays": 1, "notes": 1}},
+                    {"from_step": 9, "weights": {"plays": 2, "notes": 1}},
+                ]
+            },
+            "stages[1].from_step must be greater than 9",
         ),
     ],
 )

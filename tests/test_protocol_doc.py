@@ -275,13 +275,16 @@ def test_every_consumer_field_and_cursor_field_is_in_its_table(fineweb_row_group
     consumer = {a or b for a, b in re.findall(read, source)}
     assert {"rank", "world_size", "worker", "num_workers", "seed", "split", "cursor"} <= consumer
     spec = ConsumerSpec(seed=0, index=0, count=1)
-    mixture = MixCorpus(
-        {"a": shakespeare, "b": fineweb_row_groups}, [(0, {"a": 1, "b": 1})], Chunking()
+    components = {"a": shakespeare, "b": fineweb_row_groups}
+    mixture = MixCorpus(components, [(0, {"a": 1, "b": 1})], Chunking())
+    by_step = MixCorpus(
+        components, [(0, {"a": 1, "b": 1}), (5, {"a": 1, "b": 2})], Chunking(), "step"
     )
     cursor = (
         set(open_stream(shakespeare, spec).cursor())
         | set(open_stream(fineweb_row_groups, spec).cursor())
         | set(open_stream(mixture, spec).cursor())
+        | set(open_stream(by_step, spec).cursor())
     )
     rows = [line for line in TEXT.splitlines() if line.startswith("| `")]
     cells = " ".join(row.split("|")[1] for row in rows)

@@ -29,6 +29,15 @@ def text(rng: random.Random, n_words: int) -> str:
     return "\n".join(lines).strip()
 
 
+def write_corpus(folder: Path, documents: int, seed: int) -> Path:
+    """A folder of .txt documents named after it (`plays/plays0.txt`), of 30 to 150 words."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True)
+    for i in range(documents):
+        (folder / f"{folder.name}{i}.txt").write_text(text(rng, rng.choice([30, 80, 150])))
+    return folder
+
+
 def write_fineweb_parquet(
     folder: Path, files: int, docs_per_file: int, seed: int = 0
 ) -> list[Path]:

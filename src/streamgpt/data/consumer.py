@@ -12,17 +12,26 @@ thread that iterates. A daemon thread inside a torch op when the interpreter exi
 process ("terminate called without an active exception", exit code 134: torch's operators release
 the GIL and cannot take it back during finalization). Threads are also stopped and joined when
 training ends (StreamDataModule.teardown) and at exit.
+
+A mixture whose stages start from a training step (the server's `from_step`, docs/PROTOCOL.md
+§3.9): when the next batch is trained in a later stage than the data in hand, the feed drops the
+tokens it holds, reconnects from the cursor after the reply that completed its last batch (a
+deterministic point: every request asks for the same number of samples) asking for that stage,
+and packs afresh. Its batch count and stage go into the state, so a resume does the same.
 """
 
 from __future__ import annotations
 
 import atexit
+import bisect
+import functools
 import logging
 import queue
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +42,29 @@ from streamgpt.data.packing import TokenPacker
 log = logging.getLogger("streamgpt.data")
 
 _END = object()  # the stream reached the server's configured end
+
+
+@dataclass(frozen=True)
+class StepStages:
+    """A mixture's stages that start from a training step, as a consumer's batches meet them."""
+
+    starts: tuple[int, ...]  # the global step where each stage starts; the first is 0
+    step_of: Callable[[int], int]  # the feed's batch number (0, 1, ...) -> its optimizer step
+
+    def stage_of(self, batch: int) -> int:
+        return bisect.bisect_right(self.starts, self.step_of(batch)) - 1
+
+    @classmethod
+    def of_worker(
+        cls, starts: tuple[int, ...], accumulate: int, worker: int, num_workers: int
+    ) -> StepStages:
+        """Worker w of W (the consumer's `worker`, after a resume's phase) makes its rank's
+        micro-batches w, w+W, w+2W, ...; micro-batch i is trained at step i // accumulate."""
+        return cls(starts, functools.partial(_step_of, worker, num_workers, accumulate))
+
+
+def _step_of(worker: int, num_workers: int, accumulate: int, batch: int) -> int:
+    return (worker + batch * num_workers) // accumulate
 
 
 class ConsumerFeed:
@@ -47,6 +79,7 @@ class ConsumerFeed:
         token: str | None,
         state: dict[str, Any] | None = None,
         rows: int | None = None,
+        stages: StepStages | None = None,
     ) -> None:
         """`rows`: sequences per batch, if not cfg.batch_size (a canonical stream's share of a
         step, data/elastic.py)."""
@@ -57,7 +90,11 @@ class ConsumerFeed:
         self.encode = encode
         self.token = token
         self.cursor = state["cursor"] if state else None
-        self.packer = TokenPacker(rows or cfg.batch_size, cfg.max_length, state)
+        self.rows = rows or cfg.batch_size
+        self.packer = TokenPacker(self.rows, cfg.max_length, state)
+        self.stages = stages
+        self.batches = state.get("batches", 0) if state else 0  # produced, across resumes
+        self.stage = state.get("stage", 0) if state else 0  # of the data in hand
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, cfg.prefetch_batches))
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -123,8 +160,11 @@ class ConsumerFeed:
                 connect_timeout=self.cfg.connect_timeout_s,
                 recv_timeout=self.cfg.recv_timeout_s,
             )
+            hello = {**self.consumer, "cursor": self.cursor}
+            if self.stages is not None:
+                hello["stage"] = self.stage
             try:
-                self._conn = conn.open({**self.consumer, "cursor": self.cursor})
+                self._conn = conn.open(hello)
                 return self._conn
             except ServerRefused:
                 raise
@@ -155,6 +195,7 @@ class ConsumerFeed:
 
     def _produce(self) -> None:
         cfg = self.cfg
+        self._enter_stage()  # a resume may start at a stage's first batch
         conn = self._connect()
         warned_core = False
         in_flight = 0
@@ -201,15 +242,44 @@ class ConsumerFeed:
                 self.cursor = reply.cursor
             while self.packer.ready():
                 x, y, ids = self.packer.pop()
+                self.batches += 1
                 batch = {"x": x, "y": y, "ids": ids, "consumer": self.k, "state": self.state()}
                 # One batch is held back until the next exists, so that the last one can say so.
                 if held is not None and not self._put(held):
                     break
                 held = batch
+                if self._enter_stage():
+                    conn.close()  # replies in flight belong to the stage before
+                    conn, in_flight = self._connect(), 0
+                    break
         conn.close()
 
+    def _enter_stage(self) -> bool:
+        """Whether the next batch is trained in a later stage than the data in hand; if so the
+        packer starts empty in that stage, and the stream must be reopened at self.cursor."""
+        if self.stages is None or (stage := self.stages.stage_of(self.batches)) == self.stage:
+            return False
+        held = self.packer.state()
+        log.info(
+            "consumer %d: its batch %d is trained at step %d, in mixture stage %d: dropping the "
+            "%d tokens (%d samples) left of stage %d",
+            self.k,
+            self.batches,
+            self.stages.step_of(self.batches),
+            stage,
+            held["tokens"].size,
+            len(held["ids"]),
+            self.stage,
+        )
+        self.stage = stage
+        self.packer = TokenPacker(self.rows, self.cfg.max_length)
+        return True
+
     def state(self) -> dict[str, Any]:
-        return {"cursor": self.cursor, **self.packer.state()}
+        state = {"cursor": self.cursor, **self.packer.state()}
+        if self.stages is not None:
+            state.update(batches=self.batches, stage=self.stage)
+        return state
 
 
 # Every feed of this process, to stop its thread before the interpreter exits.

@@ -203,6 +203,7 @@ class StreamDataModule(L.LightningDataModule):
                 (self.rank + 1) * self.num_consumers_per_rank,
             )
             self._states = {k: v for k, v in states.items() if k in mine}
+        starts = self.server.get("step_stages")  # a mixture's stages from a training step
         dataset = StreamDataset(
             urls=self.urls,
             cfg=self.cfg,
@@ -216,6 +217,8 @@ class StreamDataModule(L.LightningDataModule):
             phase=phase,
             layout=layout,
             first=first,
+            step_stages=tuple(starts) if starts else None,
+            accumulate=self.accumulate,
         )
         if self.cfg.overfit_batches:
             return DataLoader(FirstBatches(dataset, self.cfg.overfit_batches), batch_size=None)

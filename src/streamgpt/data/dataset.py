@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import IterableDataset, get_worker_info
 
-from streamgpt.data.consumer import ConsumerFeed
+from streamgpt.data.consumer import ConsumerFeed, StepStages
 from streamgpt.data.elastic import Layout
 from streamgpt.data.packing import Encoder
 
@@ -36,6 +36,8 @@ class StreamDataset(IterableDataset):
         phase: int = 0,
         layout: Layout | None = None,
         first: int = 0,
+        step_stages: tuple[int, ...] | None = None,
+        accumulate: int = 1,
     ) -> None:
         """`states`: by consumer (or by canonical stream, with a `layout`), the state after its
         last trained batch. `phase` (per-consumer streams) and `first` (elastic: this rank's
@@ -53,6 +55,8 @@ class StreamDataset(IterableDataset):
         self.phase = phase
         self.layout = layout
         self.first = first
+        self.step_stages = step_stages
+        self.accumulate = accumulate
 
     def consumer(self, worker: int, num_workers: int) -> dict[str, Any]:
         # After a resume, worker process j plays consumer (j + phase) % N, so that the DataLoader's
@@ -84,8 +88,18 @@ class StreamDataset(IterableDataset):
             encode,
             self.token,
             self.states.get(k),
+            stages=self._stages(consumer["worker"], num_workers),
         )
         yield from feed
+
+    def _stages(self, worker: int, of: int) -> StepStages | None:
+        """A mixture's step stages for the feed that makes every `of`-th micro-batch of its rank
+        from the worker-th (a canonical stream: every phases-th step from its phase's)."""
+        if not self.step_stages:
+            return None
+        if self.layout is not None:
+            return StepStages.of_worker(self.step_stages, 1, worker, of)
+        return StepStages.of_worker(self.step_stages, self.accumulate, worker, of)
 
     def _elastic(
         self, worker: int, num_workers: int, encode: Callable[[list[str]], list[list[int]]]
@@ -103,6 +117,7 @@ class StreamDataset(IterableDataset):
                 self.token,
                 self.states.get(u),
                 rows=layout.rows,
+                stages=self._stages(*layout.phase_of(u)),
             )
             for u in layout.units_of_worker(self.rank, worker, self.first)
         }

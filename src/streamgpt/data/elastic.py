@@ -87,6 +87,10 @@ class Layout:
         """The rank that reads canonical stream `unit`."""
         return unit % self.streams % self.ranks
 
+    def phase_of(self, unit: int) -> tuple[int, int]:
+        """(its phase, the phases): a canonical stream gives rows to steps p, p+M, p+2M, ..."""
+        return unit // self.streams, self.phases
+
     def units_of_worker(self, rank: int, worker: int, first: int) -> list[int]:
         """The canonical streams a worker reads, when the rank's DataLoader starts at micro-batch
         `first`: those of micro-batches first+worker, first+worker+W, ... (a period of M*A)."""

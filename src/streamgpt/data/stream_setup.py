@@ -101,6 +101,8 @@ class StreamSetup:
             "finite": not extended or any(v is not None for v in end.values()),
             "eot_marker": corpus0.get("eot_marker", self.tok_cfg.eos_token),
             "corpus": corpus0,
+            # A mixture's stages from a training step: where each starts (consumer.StepStages).
+            "step_stages": [s["from_step"] for s in corpus0.get("stages", []) if "from_step" in s],
         }
         if not extended:
             log.warning(

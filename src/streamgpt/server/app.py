@@ -194,7 +194,7 @@ class StreamServer:
             if hello.consumer is not None:
                 self._check_consumer(hello.consumer)
                 session.consumer = hello.consumer
-                session.start = {"epoch": hello.epoch, "cursor": hello.cursor}
+                session.start = {"epoch": hello.epoch, "cursor": hello.cursor, "stage": hello.stage}
                 session.stream = self._consumer_stream(hello.consumer, **session.start)
         except (ProtocolError, CursorError) as e:
             text = str(e) if isinstance(e, ProtocolError) else f"handshake: {e}"
@@ -213,6 +213,8 @@ class StreamServer:
                 if session.start["cursor"] is not None
                 else f" epoch={session.start['epoch']}"
             )
+            if session.start["stage"] is not None:
+                mode += f" stage={session.start['stage']}"
         log.info("connection #%d from %s: %s", session.number, session.peer, mode)
         return True
 
@@ -241,12 +243,11 @@ class StreamServer:
                     f"has only {n} training documents; use at most {n} consumers or a larger corpus"
                 )
 
-    def _consumer_stream(self, spec: ConsumerSpec, epoch: int, cursor: Any) -> StreamBase:
+    def _consumer_stream(self, spec: ConsumerSpec, **start: Any) -> StreamBase:
         return open_stream(
             self.corpus,
             spec,
-            epoch=epoch,
-            cursor=cursor,
+            **start,  # epoch, cursor, stage
             max_epochs=self.max_epochs,
             max_samples=self.max_samples,
         )

@@ -81,8 +81,11 @@ class MixComponentConfig:
 
 @dataclass
 class MixStageConfig:
-    # From this position of every stream on (counted from its start), these weights.
-    from_sample: int = MISSING
+    # From this position of every stream on (counted from its start), these weights; or from
+    # this global training step on (the trainer's client asks for the stage in its handshake).
+    # One of the two, the same one in every stage.
+    from_sample: int | None = None
+    from_step: int | None = None
     weights: dict[str, float] = MISSING
 
 
@@ -285,18 +288,27 @@ def mix_config(mix: Any, key: str = "source") -> tuple[dict[str, Any], list[Any]
 
 def _check_stages(stages: list[Any], names: list[str], key: str) -> None:
     previous = 0
+    by = None  # "from_sample" or "from_step": the first stage's, then every stage's
     for i, stage in enumerate(stages):
         where = f"{key}.stages[{i}]"
-        for field_name in ("from_sample", "weights"):
-            missing = OmegaConf.is_missing(stage, field_name)
-            require(not missing, f"{where}.{field_name}", "given", "???")
+        require(not OmegaConf.is_missing(stage, "weights"), f"{where}.weights", "given", "???")
+        starts = {k: stage[k] for k in ("from_sample", "from_step") if stage[k] is not None}
+        require(len(starts) == 1, where, "given exactly one of from_sample and from_step", starts)
+        by = by or next(iter(starts))
         require(
-            stage.from_sample > previous,
-            f"{where}.from_sample",
-            f"greater than {previous} (stages start after sample 0, in order)",
-            stage.from_sample,
+            by in starts,
+            where,
+            f"given {by} like stages[0] (stages start all from a sample or all from a step)",
+            starts,
         )
-        previous = stage.from_sample
+        start, unit = stage[by], by.removeprefix("from_")
+        require(
+            start > previous,
+            f"{where}.{by}",
+            f"greater than {previous} (stages start after {unit} 0, in order)",
+            start,
+        )
+        previous = start
         given = list(stage.weights)
         require(
             sorted(given) == sorted(names),

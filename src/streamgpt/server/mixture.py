@@ -18,6 +18,7 @@ the square root of the length).
 from __future__ import annotations
 
 import bisect
+import copy
 import math
 from collections.abc import Callable
 from fractions import Fraction
@@ -29,6 +30,7 @@ from typing import Any
 from streamgpt.server.corpus import Chunk, Chunking, fingerprint_of
 from streamgpt.server.streams import (
     CURSOR_VERSION,
+    NO_STEP_STAGES,
     ConsumerSpec,
     CursorError,
     Stream,
@@ -44,56 +46,81 @@ Picks = tuple[tuple[int, ...], tuple[int, ...], Callable[[list], list]]
 class Schedule:
     """Stages of weights, and the component of every position under them.
 
-    `stages` is [(from_sample, weights)], the first from sample 0, in order; weights are positive
-    numbers per component (normalised here). Targets and deficits are kept scaled by `scale`, the
-    common denominator of every normalised weight, so all the arithmetic is exact.
+    `weights` holds each stage's positive weights per component (normalised here); `segments` is
+    [(from_position, stage)]: the stages a stream goes through, the first from position 0,
+    positions in order. Stages that start from a sample have every stage in order; stages that
+    start from a training step have the ones a stream switched to, where it did (`switched`).
+    Targets and deficits are kept scaled by `scale`, the common denominator of every normalised
+    weight, so all the arithmetic is exact.
     """
 
-    def __init__(self, stages: list[tuple[int, list[float]]]) -> None:
-        exact = [[Fraction(str(w)) for w in weights] for _, weights in stages]
-        shares = [[w / sum(weights) for w in weights] for weights in exact]
+    def __init__(self, weights: list[list[float]], segments: list[tuple[int, int]]) -> None:
+        exact = [[Fraction(str(w)) for w in row] for row in weights]
+        shares = [[w / sum(row) for w in row] for row in exact]
         self.scale = math.lcm(*(s.denominator for row in shares for s in row))
-        self.starts = tuple(start for start, _ in stages)
         self.shares = tuple(tuple(int(s * self.scale) for s in row) for row in shares)
-        # Scaled targets at each stage's start.
-        self._bases = [tuple(0 for _ in self.shares[0])]
-        for i in range(1, len(self.starts)):
-            length = self.starts[i] - self.starts[i - 1]
-            prev, shares_prev = self._bases[-1], self.shares[i - 1]
-            self._bases.append(
-                tuple(b + w * length for b, w in zip(prev, shares_prev, strict=True))
-            )
         # Blocks of picks by (stage, deficits, length): within a stage the deficits come back to
         # the same few values (0.8/0.2: five), so a client asking for one batch size hits this.
         self._block = lru_cache(maxsize=4096)(self._compute_block)
+        self._follow(segments)
 
-    def stage_at(self, position: int) -> int:
+    def _follow(self, segments: list[tuple[int, int]]) -> None:
+        self.starts = tuple(start for start, _ in segments)
+        self.stages = tuple(stage for _, stage in segments)
+        # Scaled targets at each segment's start.
+        self._bases = [tuple(0 for _ in self.shares[0])]
+        for i in range(1, len(self.starts)):
+            length = self.starts[i] - self.starts[i - 1]
+            prev, shares_prev = self._bases[-1], self.shares[self.stages[i - 1]]
+            self._bases.append(
+                tuple(b + w * length for b, w in zip(prev, shares_prev, strict=True))
+            )
+
+    def switched(self, switches: list[tuple[int, int]]) -> Schedule:
+        """This schedule, then stage s from position p on for each (s, p) in `switches` (a
+        stream's switches to stages that start from a step). Shares the cache of blocks."""
+        if not switches:
+            return self
+        other = copy.copy(self)
+        other._follow([*zip(self.starts, self.stages, strict=True), *((p, s) for s, p in switches)])
+        return other
+
+    def segment_at(self, position: int) -> int:
         return bisect.bisect_right(self.starts, position) - 1
 
-    def weights_at(self, position: int) -> tuple[float, ...]:
-        return tuple(w / self.scale for w in self.shares[self.stage_at(position)])
+    def stage_at(self, position: int) -> int:
+        return self.stages[self.segment_at(position)]
 
-    def _deficits(self, stage: int, position: int, counts: list[int]) -> tuple[int, ...]:
+    def weights_at(self, position: int) -> tuple[float, ...]:
+        return self.weights(self.stage_at(position))
+
+    def weights(self, stage: int) -> tuple[float, ...]:
+        return tuple(w / self.scale for w in self.shares[stage])
+
+    def _deficits(self, segment: int, position: int, counts: list[int]) -> tuple[int, ...]:
         """Each component's target at `position` minus its count, scaled."""
-        since, scale = position - self.starts[stage], self.scale
-        pairs = zip(self._bases[stage], self.shares[stage], counts, strict=True)
+        since, scale = position - self.starts[segment], self.scale
+        shares = self.shares[self.stages[segment]]
+        pairs = zip(self._bases[segment], shares, counts, strict=True)
         return tuple([b + w * since - scale * c for b, w, c in pairs])
 
     def picks(self, position: int, counts: list[int], n: int) -> Picks:
         """The components of positions position .. position+n-1, given each component's count
         of samples before `position`; how many of them each component gives; and the function
         that puts the components' chunks, concatenated, in that order."""
-        stage = self.stage_at(position)
-        deficits = self._deficits(stage, position, counts)
-        if stage + 1 == len(self.starts) or position + n <= self.starts[stage + 1]:
-            block, block_given, _, order = self._block(stage, deficits, n)  # in one stage
+        segment = self.segment_at(position)
+        deficits = self._deficits(segment, position, counts)
+        last = len(self.starts) - 1
+        if segment == last or position + n <= self.starts[segment + 1]:
+            block, block_given, _, order = self._block(self.stages[segment], deficits, n)
             return block, block_given, order
         picks: list[int] = []
         given = [0] * len(counts)
         end = position + n
         while position < end:
-            stage = self.stage_at(position)
-            upto = end if stage + 1 == len(self.starts) else min(end, self.starts[stage + 1])
+            segment = self.segment_at(position)
+            upto = end if segment == last else min(end, self.starts[segment + 1])
+            stage = self.stages[segment]
             block, block_given, deficits, _ = self._block(stage, deficits, upto - position)
             picks += block
             given = [g + b for g, b in zip(given, block_given, strict=True)]
@@ -119,42 +146,51 @@ class Schedule:
 
 class MixCorpus:
     """Named component corpora and the schedule that mixes them. Each component's encoder puts
-    its name before its sample ids (sources/mix.py builds them so)."""
+    its name before its sample ids (sources/mix.py builds them so).
+
+    `stages` is [(start, weights)], the first from 0, starts increasing. With `by="sample"` a
+    start is a position of every stream; with `by="step"` it is a training step, which the server
+    cannot know: a stream enters such a stage when its consumer's handshake asks for it
+    (`stage`), from the stream's position then on, and its cursor keeps where (`switches`).
+    """
 
     def __init__(
         self,
         components: dict[str, Any],
         stages: list[tuple[int, dict[str, float]]],
         chunking: Chunking,
+        by: str = "sample",
     ) -> None:
         self.names = tuple(components)
         self.parts = tuple(components.values())
-        self.schedule = Schedule(
-            [(start, [weights[name] for name in self.names]) for start, weights in stages]
-        )
+        self.by = by
+        self.starts = tuple(start for start, _ in stages)
+        weights = [[w[name] for name in self.names] for _, w in stages]
+        by_position = [(start, i) for i, start in enumerate(self.starts)]
+        self.schedule = Schedule(weights, by_position if by == "sample" else [(0, 0)])
         self.chunking = chunking
         self.blocking_io = any(part.blocking_io for part in self.parts)
         s = self.schedule
+        # A mixture of sample stages keeps the fingerprint it had before step stages existed.
+        starts = self.starts if by == "sample" else ("from_step", self.starts)
         self.fingerprint = fingerprint_of(
             "mix",
             [(name, part.fingerprint) for name, part in components.items()],
-            s.starts,
+            starts,
             s.shares,
             s.scale,
         )
+        self.stages = [
+            {f"from_{by}": start, "weights": dict(zip(self.names, s.weights(i), strict=True))}
+            for i, start in enumerate(self.starts)
+        ]
         self.description = {
             "source": "mix",
             "components": {
                 name: {**part.description, "fingerprint": part.fingerprint}
                 for name, part in components.items()
             },
-            "stages": [
-                {
-                    "from_sample": start,
-                    "weights": dict(zip(self.names, s.weights_at(start), strict=True)),
-                }
-                for start in s.starts
-            ],
+            "stages": self.stages,
         }
         self.served = [0] * len(self.parts)  # samples taken from each component, all streams
 
@@ -162,13 +198,16 @@ class MixCorpus:
         return MixStream(self, spec, **options)
 
     def composition(self, stream: MixStream) -> dict[str, Any]:
-        """What `status` reports: the stage and weights of `stream`'s next sample, and samples
-        taken from each component by every stream since the server started."""
-        stage = self.schedule.stage_at(stream.n)
-        weights = self.schedule.weights_at(stream.n)
+        """What `status` reports: the stage and weights of `stream`'s next sample and where that
+        stage began in it, every stage, and samples taken from each component by every stream
+        since the server started."""
+        schedule = stream.schedule
+        segment = schedule.segment_at(stream.n)
+        weights = schedule.weights_at(stream.n)
         return {
-            "stage": stage,
-            "from_sample": self.schedule.starts[stage],
+            "stage": schedule.stages[segment],
+            "from_sample": schedule.starts[segment],
+            "stages": self.stages,
             "components": {
                 name: {"weight": weights[c], "samples_served": self.served[c]}
                 for c, name in enumerate(self.names)
@@ -184,6 +223,12 @@ class MixStream(StreamBase):
     next sample would come from a component about to start epoch E, so no sample repeats more
     than E times. `end.max_samples` counts the mixture's positions. The validation split is every
     component's held-out split, one after the other, in the order the components are listed.
+
+    Stages that start from a training step: `stage` (the handshake's) is the stage of the
+    samples the consumer asks for next. A later stage than the cursor's starts at the cursor's
+    position; the cursor lists every such switch (`switches`, [[stage, position], ...]), so that
+    the stream rebuilt from it has the same schedule (the deficits depend on every earlier
+    stage's length). No `stage`: the cursor's, or stage 0.
     """
 
     def __init__(
@@ -193,6 +238,7 @@ class MixStream(StreamBase):
         *,
         epoch: int = 0,
         cursor: Any = None,
+        stage: int | None = None,
         max_epochs: int | None = None,
         max_samples: int | None = None,
     ) -> None:
@@ -208,6 +254,23 @@ class MixStream(StreamBase):
         self.n = sum(part.n for part in self.parts)
         if cursor is not None and cursor["n"] != self.n:
             raise CursorError(f"cursor n={cursor['n']} is not the sum of its parts' n ({self.n})")
+        self.switches: list[tuple[int, int]] = []
+        if stage is not None and corpus.by != "step":
+            raise CursorError(NO_STEP_STAGES)
+        if stage is not None and stage >= (stages := len(corpus.starts)):
+            raise CursorError(f"consumer.stage must be a stage in 0 … {stages - 1}, got {stage}")
+        if corpus.by == "step" and spec.split == "train":
+            if cursor is not None:
+                self.switches = _switches_of(cursor, len(corpus.starts))
+            now = self.switches[-1][0] if self.switches else 0
+            if stage is not None and stage < now:
+                raise CursorError(
+                    f"consumer.stage {stage} is before the cursor's stage {now}: stages that "
+                    "start from a step only go forward"
+                )
+            if stage is not None and stage > now:
+                self.switches.append((stage, self.n))
+        self.schedule = corpus.schedule.switched(self.switches)
 
     def _open_part(self, c: int, epoch: int, position: Any) -> Stream:
         part = self.corpus.parts[c]
@@ -243,7 +306,7 @@ class MixStream(StreamBase):
         if n <= 0:
             return []
         parts = self.parts
-        picks, wanted, order = self.corpus.schedule.picks(self.n, [p.n for p in parts], n)
+        picks, wanted, order = self.schedule.picks(self.n, [p.n for p in parts], n)
         before = [p.position() for p in parts] if self.max_epochs is not None else None
         got = [parts[c].take(w) if w else [] for c, w in enumerate(wanted)]
         if before is not None and any(len(g) < w for g, w in zip(got, wanted, strict=True)):
@@ -289,6 +352,7 @@ class MixStream(StreamBase):
                 name: part.position()
                 for name, part in zip(self.corpus.names, self.parts, strict=True)
             },
+            **({"switches": [list(s) for s in self.switches]} if self.corpus.by == "step" else {}),
         }
 
 
@@ -314,3 +378,21 @@ def _parts_of(cursor: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
             f"cursor field 'parts' must hold a cursor for each of {list(names)}, got {got!r:.80}"
         )
     return parts
+
+
+def _switches_of(cursor: dict[str, Any], stages: int) -> list[tuple[int, int]]:
+    """The cursor's switches to stages that start from a step: [[stage, position], ...]."""
+    switches = cursor.get("switches")
+    pairs = switches if isinstance(switches, list) else [None]
+    last_stage, last_position = 0, 0
+    for pair in pairs:
+        ok = isinstance(pair, list) and len(pair) == 2
+        ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+        ok = ok and last_stage < pair[0] < stages and last_position <= pair[1] <= cursor["n"]
+        if not ok:
+            raise CursorError(
+                "cursor field 'switches' must be a list of [stage, position], stages increasing "
+                f"in 1 … {stages - 1}, positions not decreasing, at most n; got {switches!r:.80}"
+            )
+        last_stage, last_position = pair
+    return [(stage, position) for stage, position in pairs]

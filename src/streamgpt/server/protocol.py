@@ -103,6 +103,7 @@ class Handshake:
     consumer: ConsumerSpec | None  # None: a core-protocol client on the shared stream
     epoch: int = 0
     cursor: Any = None
+    stage: int | None = None  # a mixture's stage from a step (None: the cursor's, or 0)
 
 
 def handshake(msg: dict[str, Any]) -> Handshake:
@@ -147,10 +148,16 @@ def _consumer(c: dict[str, Any]) -> Handshake:
         raise ProtocolError(
             f"handshake: consumer.split must be one of {list(SPLITS)}, got {_show(split)}"
         )
+    stage = c.get("stage")
+    if stage is not None and (not _is_int(stage) or not 0 <= stage <= 1 << 16):
+        raise ProtocolError(
+            f"handshake: consumer.stage must be null or an integer in [0, {1 << 16}], "
+            f"got {_show(stage)}"
+        )
     spec = ConsumerSpec(
         seed=seed, index=rank * workers + worker, count=world * workers, split=split
     )
-    return Handshake(spec, epoch, c.get("cursor"))
+    return Handshake(spec, epoch, c.get("cursor"), stage)
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -28,6 +28,13 @@ CURSOR_VERSION = 1
 SPLITS = ("train", "validation")
 
 
+# A handshake's consumer.stage on a source without stages from a step.
+NO_STEP_STAGES = (
+    "consumer.stage asks for a mixture's stage that starts from a step, but this server's "
+    "source has no such stages (source.stages[].from_step)"
+)
+
+
 class CursorError(ValueError):
     """A cursor that this server did not issue, or that belongs to another consumer or corpus."""
 
@@ -373,7 +380,10 @@ class ShardedStream(Stream):
 
 
 def open_stream(corpus: Any, spec: ConsumerSpec, **options: Any) -> StreamBase:
-    """Consumer `spec`'s stream of `corpus`; `options` as Stream's (epoch, cursor, the end)."""
+    """Consumer `spec`'s stream of `corpus`; `options` as Stream's (epoch, cursor, the end), and
+    a mixture's `stage` (mixture.MixStream)."""
+    if not hasattr(corpus, "open_stream") and options.pop("stage", None) is not None:
+        raise CursorError(NO_STEP_STAGES)
     if isinstance(corpus, IndexedCorpus):
         return IndexedStream(corpus, spec, **options)
     if isinstance(corpus, ShardedCorpus):

@@ -25,6 +25,8 @@ def load(
         )
         for name, part in parts.items()
     }
+    # Stages start all from a sample or all from a step (mix_config checked).
+    by = "step" if any(stage.from_step is not None for stage in more_stages) else "sample"
     stages = [(0, {name: part.weight for name, part in parts.items()})]
-    stages += [(stage.from_sample, dict(stage.weights)) for stage in more_stages]
-    return MixCorpus(components, stages, chunking)
+    stages += [(stage[f"from_{by}"], dict(stage.weights)) for stage in more_stages]
+    return MixCorpus(components, stages, chunking, by)
