@@ -9,16 +9,32 @@ from what the trainer reports.
 
 from __future__ import annotations
 
+import csv
+import logging
 import random
 from collections import Counter
 from pathlib import Path
 
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
+from streamgpt.bpb import token_byte_lengths
+from streamgpt.data import StreamDataModule, TokenizerConfig
 from streamgpt.data.packing import Encoder, TokenPacker
+from streamgpt.endings import StreamEndSync
+from streamgpt.lit_module import GPTModule
+from streamgpt.monitors import MixtureTokens
+from streamgpt.server import StreamServer
+from streamgpt.server.config import ServeConfig, validate
+from streamgpt.server.corpus import Chunking
+from streamgpt.server.sources import build_corpus
 
 from .helpers.corpora import text
-from .helpers.servers import Client
+from .helpers.servers import Client, RunningServer, stream_cfg
 
 EOS = "<|endoftext|>"
 
@@ -94,3 +110,107 @@ def test_a_packer_state_saved_before_the_sample_in_progress_was_kept_still_loads
     assert resumed.components() == {"": 4}, "whose tokens they are, the old state did not say"
     x, _, _ = resumed.pop()
     assert x.tolist() == [[5, 6, 7, 8]]
+
+
+# -- a run on a mixture, in this process ----------------------------------------------------------
+
+
+def mixture(tmp_path: Path):
+    """plays (0.8): documents of 150 words, 2 held out for validation; notes (0.2): documents of
+    12 words, 1 held out: fewer validation tokens than one window of 33."""
+    plays = write_corpus(tmp_path / "plays", 24, words=150, seed=1)
+    notes = write_corpus(tmp_path / "notes", 40, words=12, seed=2)
+    source = {
+        "name": "mix",
+        "components": {
+            "plays": {
+                "source": {"name": "files", "paths": [str(plays)], "validation_docs": 2},
+                "weight": 0.8,
+            },
+            "notes": {
+                "source": {"name": "files", "paths": [str(notes)], "validation_docs": 1},
+                "weight": 0.2,
+            },
+        },
+        "stages": [],
+    }
+    cfg = OmegaConf.merge(OmegaConf.structured(ServeConfig), {"source": source})
+    cfg.chunk.words = 16
+    validate(cfg)
+    return build_corpus(cfg.source, Chunking(words=16))
+
+
+def fit_on_mixture(url: str, run: Path, steps: int) -> tuple[StreamDataModule, GPTModule]:
+    dm = StreamDataModule(stream_cfg(url, valid_size=64), TokenizerConfig(vocab_size=512), run)
+    dm.prepare_data()
+    dm.setup()
+    torch.manual_seed(0)
+    model = GPTModule(
+        {"context": 32, "d_model": 32, "n_layers": 1, "n_heads": 2, "vocab_size": 512},
+        {"name": "adamw", "lr": 3e-3, "warmup_steps": 2},
+    )
+    model.set_token_bytes(token_byte_lengths(dm.tokenizer))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        callbacks=[StreamEndSync(dm), MixtureTokens(dm)],
+        logger=CSVLogger(run / "logs"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        val_check_interval=steps,  # validation of the final weights
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+    )
+    trainer.fit(model, datamodule=dm)
+    return dm, model
+
+
+def metrics(run: Path) -> list[dict[str, float]]:
+    with open(next(run.rglob("metrics.csv"))) as f:
+        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f)]
+
+
+def last(rows: list[dict[str, float]], key: str) -> dict[str, float]:
+    return [r for r in rows if key in r][-1]
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def mixture_run(tmp_path_factory):
+    """A server of the mixture in this process, and 6 steps of a small GPT on it, validated at
+    the end: (server, run folder, datamodule, model, the data module's warnings)."""
+    tmp = tmp_path_factory.mktemp("mixture")
+    server = RunningServer(StreamServer(mixture(tmp), port=0))
+    warnings = Lines()
+    logging.getLogger("streamgpt.data").addHandler(warnings)
+    try:
+        dm, model = fit_on_mixture(server.url, tmp / "run", steps=6)
+        yield server, tmp / "run", dm, model, "\n".join(warnings.lines)
+    finally:
+        logging.getLogger("streamgpt.data").removeHandler(warnings)
+        server.stop()
+
+
+def test_data_tokens_per_component_are_the_tokens_trained_from_each(mixture_run):
+    server, run, dm, _, _ = mixture_run
+    rows = metrics(run)
+    consumer = {"rank": 0, "world_size": 1, "worker": 0, "num_workers": 1, "seed": 0}
+    served = read_stream(server.url, {**consumer, "epoch": 0, "split": "train"}, 400)
+    want = tokens_by_component(served, dm.tokenizer, 6 * 4 * 32)  # steps x batch x max_length
+    row = last(rows, "data/tokens/plays")
+    assert (row["data/tokens/plays"], row["data/tokens/notes"]) == (want["plays"], want["notes"])
+    for row in rows:
+        if "data/tokens/plays" in row:
+            assert row["data/tokens/plays"] + row["data/tokens/notes"] == row["tokens_seen"]
+            share = row["data/tokens/plays"] / row["tokens_seen"]
+            assert row["data/token_share/plays"] == pytest.approx(share)
+    assert 0.6 < last(rows, "data/token_share/plays")["data/token_share/plays"] < 0.95

@@ -192,8 +192,10 @@ class ConsumerFeed:
             if reply.cursor is not None:
                 self.cursor = reply.cursor
             while self.packer.ready():
+                components = self.packer.components()  # tokens per mixture component
                 x, y, ids = self.packer.pop()
                 batch = {"x": x, "y": y, "ids": ids, "consumer": self.k, "state": self.state()}
+                batch["components"] = components
                 # One batch is held back until the next exists, so that the last one can say so.
                 if held is not None and not self._put(held):
                     break

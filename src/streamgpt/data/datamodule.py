@@ -59,6 +59,7 @@ class StreamDataModule(L.LightningDataModule):
         self.tokenizer: Tokenizer | None = None
         self.val_x: torch.Tensor | None = None
         self.val_y: torch.Tensor | None = None
+        self.component_tokens: list[int] = []  # per self.components: tokens this rank trained
         self._states: dict[
             int, dict[str, Any]
         ] = {}  # consumer -> state after its last trained batch
@@ -91,6 +92,11 @@ class StreamDataModule(L.LightningDataModule):
     def finite(self) -> bool:
         """Whether the training stream can end (then ranks must agree when to stop)."""
         return bool(self.server.get("finite"))
+
+    @property
+    def components(self) -> list[str]:
+        """The names of the mixture the server serves; [] for a single source."""
+        return self.server.get("components", [])
 
     @property
     def server(self) -> dict[str, Any]:
@@ -126,6 +132,7 @@ class StreamDataModule(L.LightningDataModule):
         self.streams.servers()
         self.tokenizer = self.streams.tokenizer()
         self.val_x = self.val_y = None
+        self.component_tokens = [0] * len(self.components)
         if self.cfg.valid_size > 0:
             lines = self.validation_path.read_bytes().splitlines()
             samples = [orjson.loads(line) for line in lines]
@@ -200,11 +207,17 @@ class StreamDataModule(L.LightningDataModule):
             self._states[batch["consumer"]] = batch["state"]
             self._trained += 1
             self.last_ids = batch["ids"]
+            if self.components:
+                self._count_components(batch.get("components", {}))
             self.saw_last_batch = self.saw_last_batch or batch.get("last", False)
             if self.cfg.log_batches:
                 self._log_batch(batch)
             return batch["x"], batch["y"]
         return batch
+
+    def _count_components(self, counts: dict[str, int]) -> None:
+        for c, name in enumerate(self.components):
+            self.component_tokens[c] += counts.get(name, 0)
 
     def _log_batch(self, batch: dict[str, Any]) -> None:
         digest = hashlib.blake2b(batch["x"].numpy().tobytes(), digest_size=8).hexdigest()

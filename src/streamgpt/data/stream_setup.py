@@ -101,6 +101,8 @@ class StreamSetup:
             "finite": not extended or any(v is not None for v in end.values()),
             "eot_marker": corpus0.get("eot_marker", self.tok_cfg.eos_token),
             "corpus": corpus0,
+            # A mixture's component names (sample ids are <component>/<id>); [] for one source.
+            "components": list((status0.get("mixture") or {}).get("components") or []),
         }
         if not extended:
             log.warning(
