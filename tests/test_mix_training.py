@@ -16,13 +16,16 @@ from collections import Counter
 from pathlib import Path
 
 import lightning as L
+import numpy as np
+import orjson
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
-from streamgpt.bpb import token_byte_lengths
+from streamgpt.bpb import LN2, token_byte_lengths
 from streamgpt.data import StreamDataModule, TokenizerConfig
 from streamgpt.data.packing import Encoder, TokenPacker
 from streamgpt.endings import StreamEndSync
@@ -214,3 +217,40 @@ def test_data_tokens_per_component_are_the_tokens_trained_from_each(mixture_run)
             share = row["data/tokens/plays"] / row["tokens_seen"]
             assert row["data/token_share/plays"] == pytest.approx(share)
     assert 0.6 < last(rows, "data/token_share/plays")["data/token_share/plays"] < 0.95
+
+
+def test_val_loss_and_bpb_per_component_are_those_of_its_own_windows(mixture_run):
+    _, run, dm, model, _ = mixture_run
+    row = last(metrics(run), "val/loss/plays")
+    samples = [orjson.loads(line) for line in (run / "validation.jsonl").read_bytes().splitlines()]
+    plays = [s["text"] for s in samples if component(s["id"]) == "plays"]
+    tokens = np.concatenate(Encoder(dm.tokenizer, EOS, EOS)(plays))
+    n = (len(tokens) - 1) // 32
+    windows = torch.from_numpy(np.stack([tokens[32 * i : 32 * i + 33] for i in range(n)]))
+    x, y = windows[:, :-1].long(), windows[:, 1:].long()
+    model.eval()
+    with torch.no_grad():
+        logits, _ = model(x, y)
+    nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+    nbytes = token_byte_lengths(dm.tokenizer)[y.flatten()]
+    assert row["val/loss/plays"] == pytest.approx(nll.mean().item(), rel=1e-4)
+    bpb = (nll * (nbytes > 0)).sum().item() / (LN2 * nbytes.sum().item())
+    assert row["val/bpb/plays"] == pytest.approx(bpb, rel=1e-4)
+    # val/loss is still the mean over every validation window: the components' own, and the
+    # components' tails packed together.
+    with torch.no_grad():
+        all_logits, _ = model(dm.val_x, dm.val_y)
+    overall = F.cross_entropy(all_logits.flatten(0, 1), dm.val_y.flatten()).item()
+    assert row["val/loss"] == pytest.approx(overall, rel=1e-4)
+    assert len(dm.val_x) > n, "the tails are validated too"
+
+
+def test_a_component_with_less_than_a_window_of_validation_gets_no_metric_and_a_warning(
+    mixture_run,
+):
+    _, run, dm, _, logged = mixture_run
+    keys = set().union(*metrics(run))
+    assert "val/loss/plays" in keys and "val/bpb/plays" in keys
+    assert not {k for k in keys if k.endswith("/notes") and k.startswith("val/")}
+    assert "mixture component(s) notes hold fewer than max_length+1" in logged
+    assert dm.val_components == ["plays"]

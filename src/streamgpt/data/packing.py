@@ -93,6 +93,46 @@ class TokenPacker:
         }
 
 
+def windows(packer: TokenPacker) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every full (x, y) batch a packer holds."""
+    xs, ys = [], []
+    while packer.ready():
+        x, y, _ = packer.pop()
+        xs.append(x)
+        ys.append(y)
+    return xs, ys
+
+
+def component_windows(
+    ids: list[str], token_lists: list[list[int]], names: list[str], max_length: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A mixture's validation samples in windows of one sequence: each component's samples packed
+    on their own (x, y, and the window's component index into `names`), then the rest of every
+    component (a tail shorter than a window, a component too small for one) packed together, with
+    index -1: those windows count in val/loss but in no component's. An id's component is its
+    part before the first "/"."""
+    index = {name: c for c, name in enumerate(names)}
+    groups: list[tuple[list[str], list[list[int]]]] = [([], []) for _ in range(len(names) + 1)]
+    for sample_id, tokens in zip(ids, token_lists, strict=True):
+        group = groups[index.get(sample_id.partition("/")[0], -1)]
+        group[0].append(sample_id)
+        group[1].append(tokens)
+    xs, ys, cs = [], [], []
+    rest = TokenPacker(1, max_length)
+    for c, (group_ids, group_tokens) in enumerate(groups[:-1]):
+        packer = TokenPacker(1, max_length)
+        packer.add(group_ids, group_tokens)
+        x, y = windows(packer)
+        xs, ys, cs = xs + x, ys + y, cs + [c] * len(x)
+        rest.add([names[c]], [packer.state()["tokens"].tolist()])
+    rest.add(*groups[-1])
+    x, y = windows(rest)
+    xs, ys, cs = xs + x, ys + y, cs + [-1] * len(x)
+    if not xs:
+        return np.empty((0, max_length), np.int64), np.empty((0, max_length), np.int64), np.empty(0)
+    return np.concatenate(xs), np.concatenate(ys), np.asarray(cs, dtype=np.int64)
+
+
 class Encoder:
     """Batch tokenization of streamed texts, mapping the server's end marker to our EOS token."""
 
