@@ -34,9 +34,11 @@ from streamgpt.monitors import MixtureTokens
 from streamgpt.server import StreamServer
 from streamgpt.server.config import ServeConfig, validate
 from streamgpt.server.corpus import Chunking
+from streamgpt.server.process import ServerProcess
 from streamgpt.server.sources import build_corpus
 
 from .helpers.corpora import text
+from .helpers.runs import batches, train
 from .helpers.servers import Client, RunningServer, stream_cfg
 
 EOS = "<|endoftext|>"
@@ -254,3 +256,59 @@ def test_a_component_with_less_than_a_window_of_validation_gets_no_metric_and_a_
     assert not {k for k in keys if k.endswith("/notes") and k.startswith("val/")}
     assert "mixture component(s) notes hold fewer than max_length+1" in logged
     assert dm.val_components == ["plays"]
+
+
+# -- a finite mixture on 2 ranks, through train.py -------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_finite_mixture_ends_a_ddp_run_on_the_same_step_with_every_components_tokens(tmp_path):
+    plays = write_corpus(tmp_path / "plays", 40, words=120, seed=1)
+    notes = write_corpus(tmp_path / "notes", 20, words=120, seed=2)
+    server_options = [
+        "source=mix",
+        f"+source.components.plays={{source: {{name: files, paths: [{plays}], "
+        "validation_docs: 1}, weight: 0.8}",
+        f"+source.components.notes={{source: {{name: files, paths: [{notes}], "
+        "validation_docs: 1}, weight: 0.2}",
+        "chunk.words=16",
+        "end.max_epochs=1",
+        f"hydra.run.dir={tmp_path / 'server'}",
+    ]
+    run = tmp_path / "run"
+    with ServerProcess(server_options) as server:
+        served = []
+        for rank in (0, 1):
+            consumer = {"rank": rank, "world_size": 2, "worker": 0, "num_workers": 1}
+            served.append(read_stream(server.url, consumer, 10**6))
+        done = train(
+            run,
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+            f"data.stream.url={server.url}",
+            "trainer.max_steps=100000",
+            "trainer.val_every=4",
+            "data.stream.valid_size=32",
+            "callbacks.sample_every=0",
+            "callbacks.checkpoint_every=0",
+        )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "the server ended the stream" in done.stdout + done.stderr
+    steps = [sorted(batches(run, r)) for r in (0, 1)]
+    assert steps[0] == steps[1] == list(range(1, len(steps[0]) + 1)) and len(steps[0]) > 4
+    trained = len(steps[0])
+    # The shorter stream had no full batch left: the stream ended the run, not max_steps.
+    tokenizer = Tokenizer.from_file(str(run / "tokenizer.json"))
+    encode = Encoder(tokenizer, EOS, EOS)
+    per_step = 8 * 64  # SMALL: batch_size x model.context
+    lengths = [sum(map(len, encode([t for _, t in s]))) for s in served]
+    assert min(lengths) < (trained + 1) * per_step + 1
+    want = sum((tokens_by_component(s, tokenizer, trained * per_step) for s in served), Counter())
+    rows = metrics(run)
+    row = last(rows, "data/tokens/plays")
+    assert row["step"] == trained
+    assert (row["data/tokens/plays"], row["data/tokens/notes"]) == (want["plays"], want["notes"])
+    assert row["data/tokens/plays"] + row["data/tokens/notes"] == row["tokens_seen"]
+    keys = set().union(*rows)
+    assert {"val/loss/plays", "val/bpb/plays", "val/loss/notes", "val/bpb/notes"} <= keys
