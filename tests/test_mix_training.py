@@ -145,7 +145,9 @@ def mixture(tmp_path: Path):
     return build_corpus(cfg.source, Chunking(words=16))
 
 
-def fit_on_mixture(url: str, run: Path, steps: int) -> tuple[StreamDataModule, GPTModule]:
+def fit_on_mixture(
+    url: str, run: Path, steps: int, ckpt_path: Path | None = None
+) -> tuple[StreamDataModule, GPTModule]:
     dm = StreamDataModule(stream_cfg(url, valid_size=64), TokenizerConfig(vocab_size=512), run)
     dm.prepare_data()
     dm.setup()
@@ -167,7 +169,8 @@ def fit_on_mixture(url: str, run: Path, steps: int) -> tuple[StreamDataModule, G
         num_sanity_val_steps=0,
         log_every_n_steps=1,
     )
-    trainer.fit(model, datamodule=dm)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    trainer.save_checkpoint(run / "last.ckpt")
     return dm, model
 
 
@@ -219,6 +222,17 @@ def test_data_tokens_per_component_are_the_tokens_trained_from_each(mixture_run)
             share = row["data/tokens/plays"] / row["tokens_seen"]
             assert row["data/token_share/plays"] == pytest.approx(share)
     assert 0.6 < last(rows, "data/token_share/plays")["data/token_share/plays"] < 0.95
+
+
+def test_a_resumed_run_continues_the_token_counts_of_the_run(mixture_run, tmp_path):
+    server, run, _, _, _ = mixture_run
+    part = tmp_path / "part"
+    fit_on_mixture(server.url, part, steps=3)
+    fit_on_mixture(server.url, part, steps=6, ckpt_path=part / "last.ckpt")
+    want = last(metrics(run), "data/tokens/plays")
+    got = last(metrics(part / "logs" / "lightning_logs" / "version_1"), "data/tokens/plays")
+    for key in ("data/tokens/plays", "data/tokens/notes", "tokens_seen"):
+        assert got[key] == want[key], key
 
 
 def test_val_loss_and_bpb_per_component_are_those_of_its_own_windows(mixture_run):
