@@ -61,5 +61,32 @@ def nll_sums(
     )
 
 
+def nll_sums_by_group(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    byte_lengths: torch.Tensor | None,
+    group: torch.Tensor,
+    n_groups: int,
+) -> torch.Tensor:
+    """nll_sums of each group of sequences (float64, shape (n_groups, 4)): row g sums the
+    sequences whose `group` is g; a sequence of group -1 counts in none. Without byte lengths
+    the last two columns are 0."""
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    nll = nll.view(targets.shape).double()
+    nbytes = torch.zeros_like(nll) if byte_lengths is None else byte_lengths[targets].double()
+    per_sequence = torch.stack(
+        [
+            nll.sum(1),
+            torch.full_like(nll[:, 0], targets.size(1)),
+            (nll * (nbytes > 0)).sum(1),
+            nbytes.sum(1),
+        ],
+        dim=1,
+    )
+    sums = torch.zeros(n_groups + 1, 4, dtype=torch.float64, device=nll.device)
+    sums.index_add_(0, torch.where(group < 0, n_groups, group), per_sequence)
+    return sums[:n_groups]
+
+
 def bits_per_byte(nll_of_byte_targets: float, n_bytes: float) -> float:
     return nll_of_byte_targets / (LN2 * n_bytes) if n_bytes else math.nan

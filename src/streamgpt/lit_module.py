@@ -7,6 +7,10 @@ tokenizer's byte lengths), lr and tokens_seen, all at the trainer's global step 
 adds perf/tokens_per_s and perf/mfu. With `compile=True` the forward pass is `torch.compile`d, but
 the compiled wrapper is kept out of the module tree: checkpoints hold plain `model.*` keys and
 generation runs the uncompiled module.
+
+Validation batches of a mixture carry each window's component index, (x, y, component): then
+val/loss/<component> and val/bpb/<component> too, named by the datamodule's `val_components`,
+from the same single reduction as val/loss.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from streamgpt.bpb import bits_per_byte, nll_sums
+from streamgpt.bpb import bits_per_byte, nll_sums, nll_sums_by_group
 from streamgpt.hf_init import init_from_gpt2
 from streamgpt.model import GPT, GPTConfig
 from streamgpt.optim import OptimizerConfig, build_optimizer, build_schedule
@@ -57,6 +61,8 @@ class GPTModule(L.LightningModule):
         self.hooks_done: float | None = None
         self._val_sum = self._val_count = 0.0
         self._val_bytes: torch.Tensor | None = None  # bpb.nll_sums, summed over the batches
+        self._val_names: list[str] = []  # a mixture's components with validation windows
+        self._val_parts: torch.Tensor | None = None  # their bpb.nll_sums_by_group, summed
         # Bytes per token id, for val/bpb (set_token_bytes). Not persistent: checkpoints are
         # unchanged by it, and ones written before it existed load as they did.
         self.register_buffer("token_bytes", None, persistent=False)
@@ -119,16 +125,26 @@ class GPTModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum = self._val_count = 0.0
-        self._val_bytes = None
+        self._val_bytes = self._val_parts = None
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self._val_names = list(getattr(datamodule, "val_components", None) or [])
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        x, y = batch
+        x, y, *component = batch
         logits, loss = self(x, y)
         self._val_sum += loss.detach() * x.size(0)
         self._val_count += x.size(0)
+        if component and self._val_names:
+            self._validate_components(logits.detach(), y, component[0])
         if self.token_bytes is not None:
             sums = nll_sums(logits.detach(), y, self.token_bytes)
             self._val_bytes = sums if self._val_bytes is None else self._val_bytes + sums
+
+    def _validate_components(
+        self, logits: torch.Tensor, y: torch.Tensor, component: torch.Tensor
+    ) -> None:
+        sums = nll_sums_by_group(logits, y, self.token_bytes, component, len(self._val_names))
+        self._val_parts = sums if self._val_parts is None else self._val_parts + sums
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_count:
@@ -136,6 +152,12 @@ class GPTModule(L.LightningModule):
         sums = [torch.as_tensor(self._val_sum), torch.as_tensor(float(self._val_count))]
         if self._val_bytes is not None:  # NLL of the byte-bearing targets, and their bytes
             sums += [self._val_bytes[2].float(), self._val_bytes[3].float()]
+        head = len(sums)
+        if self._val_names:  # every rank has the rows, if not windows, of every component
+            parts = self._val_parts
+            if parts is None:
+                parts = torch.zeros(len(self._val_names), 4, dtype=torch.float64)
+            sums += list(parts.flatten())
         # One reduction across ranks for all of them, in float32 as val/loss always was.
         total = self.trainer.strategy.reduce(
             torch.stack([s.to(self.device, torch.float32) for s in sums]), reduce_op="sum"
@@ -144,8 +166,14 @@ class GPTModule(L.LightningModule):
         # Perplexity of the mean loss (not the mean of per-batch perplexities).
         self.log("val/loss", loss, sync_dist=False)
         self.log("val/ppl", math.exp(min(loss, 50.0)), sync_dist=False)
-        if len(sums) == 4:
+        if head == 4:
             self.log("val/bpb", bits_per_byte(total[2].item(), total[3].item()), sync_dist=False)
+        for c, name in enumerate(self._val_names):
+            nll, targets, nll_bytes, n_bytes = total[head + 4 * c : head + 4 * c + 4].tolist()
+            if targets:
+                self.log(f"val/loss/{name}", nll / targets, sync_dist=False)
+            if head == 4 and n_bytes:
+                self.log(f"val/bpb/{name}", bits_per_byte(nll_bytes, n_bytes), sync_dist=False)
         self.log("step", float(self.global_step), sync_dist=False)
 
     # -- optimizer ---------------------------------------------------------------------------

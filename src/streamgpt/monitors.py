@@ -1,6 +1,7 @@
 """What a run measures of itself, as Lightning callbacks.
 
 - ThroughputMonitor: perf/data_wait_s, perf/tokens_per_s, perf/mfu.
+- MixtureTokens: data/tokens/<component> and data/token_share/<component> of a mixture.
 - PerfReport: <run>/perf.json: where the seconds before the first optimizer step went; peak memory.
 """
 
@@ -11,13 +12,17 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
+import torch
 
 from streamgpt.atomic import write_atomic
 from streamgpt.cache import cache_dir
 from streamgpt.perf import STARTUP, peak_rss_mb
+
+if TYPE_CHECKING:
+    from streamgpt.data import StreamDataModule
 
 log = logging.getLogger("streamgpt")
 
@@ -79,6 +84,52 @@ class ThroughputMonitor(L.Callback):
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._end = None  # validation is not waiting for training data
+
+
+class MixtureTokens(L.Callback):
+    """The realised mixture: data/tokens/<component> (tokens trained from each component of the
+    server's mixture, all ranks, the whole run) and data/token_share/<component>, at the loggers'
+    cadence. Nothing for a single source.
+
+    Every rank counts its own batches (StreamDataModule.component_tokens, from the packer's
+    attribution of each token to its sample); one all-reduce of those counts on the steps the
+    loggers write, not every step. The run's totals before this process go into checkpoints.
+    Put it after the callbacks that may stop training: a stopping step is always logged.
+    """
+
+    def __init__(self, datamodule: StreamDataModule) -> None:
+        self.datamodule = datamodule
+        self.before: dict[str, int] = {}  # the run's totals when this process resumed it
+
+    def totals(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int]:
+        names = self.datamodule.components
+        counts = torch.tensor(self.datamodule.component_tokens, dtype=torch.int64)
+        if trainer.world_size > 1:
+            counts = trainer.strategy.reduce(counts.to(pl_module.device), reduce_op="sum")
+        return {
+            n: self.before.get(n, 0) + int(k) for n, k in zip(names, counts.tolist(), strict=True)
+        }
+
+    def on_train_batch_end(self, trainer, pl_module, *args: Any) -> None:
+        # The same decision on every rank (steps taken, should_stop): the all-reduce matches.
+        if not self.datamodule.components or not trainer._logger_connector.should_update_logs:
+            return
+        totals = self.totals(trainer, pl_module)
+        all_tokens = sum(totals.values())
+        for name, n in totals.items():
+            pl_module.log(f"data/tokens/{name}", float(n))
+            if all_tokens:
+                pl_module.log(f"data/token_share/{name}", n / all_tokens)
+
+    def state_dict(self) -> dict[str, Any]:
+        # Every rank saves a checkpoint together (the datamodule gathers its state too).
+        trainer = getattr(self.datamodule, "trainer", None)
+        if not self.datamodule.components or trainer is None:
+            return {"tokens": dict(self.before)}
+        return {"tokens": self.totals(trainer, trainer.lightning_module)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.before = dict(state.get("tokens", {}))
 
 
 class PerfReport(L.Callback):

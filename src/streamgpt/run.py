@@ -34,7 +34,7 @@ from streamgpt.flops import Peak, device_peak
 from streamgpt.headstart import HeadStart, RunInputs, global_rank, local_rank
 from streamgpt.lit_module import GPTModule, pad_vocab
 from streamgpt.loggers import RunRecord, build_loggers, checkpoint_identity
-from streamgpt.monitors import PerfReport, ThroughputMonitor
+from streamgpt.monitors import MixtureTokens, PerfReport, ThroughputMonitor
 from streamgpt.perf import STARTUP
 from streamgpt.signals import Stopped
 
@@ -147,6 +147,7 @@ def build_callbacks(
         ThroughputMonitor(peak.flops),  # first: it times the step before the other callbacks run
         GracefulStop(checkpoints),  # before the end-of-training callbacks: a stop skips them
         StreamEndSync(datamodule),
+        MixtureTokens(datamodule),  # after the callbacks that stop: the last step is logged
         SampleGenerations(
             run_dir,
             tokenizer,

@@ -197,18 +197,16 @@ class ConsumerFeed:
         cfg = self.cfg
         self._enter_stage()  # a resume may start at a stage's first batch
         conn = self._connect()
-        warned_core = False
+        if not conn.extended:
+            log.warning(
+                "%s speaks only the core protocol: consumers share one stream handed out "
+                "first come first served, so batches depend on timing and exact resume is off",
+                self.url,
+            )
         in_flight = 0
         held: dict[str, Any] | None = None
         failing_since: float | None = None  # first failure since the last good reply
         while not self._stop.is_set():
-            if not conn.extended and not warned_core:
-                log.warning(
-                    "%s speaks only the core protocol: consumers share one stream handed out "
-                    "first come first served, so batches depend on timing and exact resume is off",
-                    self.url,
-                )
-                warned_core = True
             try:
                 while in_flight < cfg.requests_in_flight:
                     conn.request(cfg.samples_per_request)
@@ -241,9 +239,7 @@ class ConsumerFeed:
             if reply.cursor is not None:
                 self.cursor = reply.cursor
             while self.packer.ready():
-                x, y, ids = self.packer.pop()
-                self.batches += 1
-                batch = {"x": x, "y": y, "ids": ids, "consumer": self.k, "state": self.state()}
+                batch = self._pop()
                 # One batch is held back until the next exists, so that the last one can say so.
                 if held is not None and not self._put(held):
                     break
@@ -253,6 +249,21 @@ class ConsumerFeed:
                     conn, in_flight = self._connect(), 0
                     break
         conn.close()
+
+    def _pop(self) -> dict[str, Any]:
+        """The next batch, with the state after it and its tokens per mixture component."""
+        components = self.packer.components()
+        x, y, ids = self.packer.pop()
+        self.batches += 1
+        state = self.state()
+        return {
+            "x": x,
+            "y": y,
+            "ids": ids,
+            "consumer": self.k,
+            "state": state,
+            "components": components,
+        }
 
     def _enter_stage(self) -> bool:
         """Whether the next batch is trained in a later stage than the data in hand; if so the

@@ -4,7 +4,8 @@
   on the first streamed samples, or a given file) and saves the validation samples to the run
   folder, so every rank and every resume uses the same ones (StreamSetup; train.py hands over
   the one it already ran, and nothing is done twice).
-- setup (every rank): loads both.
+- setup (every rank): loads both. A mixture's validation windows are packed per component
+  (packing.component_windows) and carry the component's index: val/loss/<component>.
 - train_dataloader: one StreamDataset consumer per (rank, worker), disjoint and deterministic.
 - state_dict / load_state_dict: every consumer's cursor and untrained tokens, gathered from all
   ranks into the checkpoint; a resume continues with the batch the run would have trained next.
@@ -27,11 +28,12 @@ import torch.distributed as dist
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, TensorDataset
 
+from streamgpt.data import elastic
 from streamgpt.data.client import StreamError
 from streamgpt.data.consumer import close_feeds
 from streamgpt.data.dataset import FirstBatches, StreamDataset
 from streamgpt.data.elastic import Layout
-from streamgpt.data.packing import Encoder, TokenPacker
+from streamgpt.data.packing import Encoder, TokenPacker, component_windows
 from streamgpt.data.stream_setup import StreamSetup
 
 log = logging.getLogger("streamgpt.data")
@@ -63,6 +65,9 @@ class StreamDataModule(L.LightningDataModule):
         self.tokenizer: Tokenizer | None = None
         self.val_x: torch.Tensor | None = None
         self.val_y: torch.Tensor | None = None
+        self.val_component: torch.Tensor | None = None  # a mixture's: window -> val_components
+        self.val_components: list[str] = []  # a mixture's components with validation windows
+        self.component_tokens: list[int] = []  # per self.components: tokens this rank trained
         self._states: dict[
             int, dict[str, Any]
         ] = {}  # consumer -> state after its last trained batch
@@ -121,6 +126,11 @@ class StreamDataModule(L.LightningDataModule):
         return bool(self.server.get("finite"))
 
     @property
+    def components(self) -> list[str]:
+        """The names of the mixture the server serves; [] for a single source."""
+        return self.server.get("components", [])
+
+    @property
     def server(self) -> dict[str, Any]:
         return self.streams.server
 
@@ -153,13 +163,16 @@ class StreamDataModule(L.LightningDataModule):
             self.prepare_data()  # used on its own, without a Trainer to call prepare_data
         self.streams.servers()
         self.tokenizer = self.streams.tokenizer()
-        self.val_x = self.val_y = None
+        self.val_x = self.val_y = self.val_component = None
+        self.component_tokens = [0] * len(self.components)
         if self.cfg.valid_size > 0:
             lines = self.validation_path.read_bytes().splitlines()
             samples = [orjson.loads(line) for line in lines]
-            self.val_x, self.val_y = self._windows(
-                [s["id"] for s in samples], [s["text"] for s in samples]
-            )
+            ids, texts = [s["id"] for s in samples], [s["text"] for s in samples]
+            if self.components:
+                self._component_windows(ids, texts)
+            else:
+                self.val_x, self.val_y = self._windows(ids, texts)
 
     def _encoder(self) -> Encoder:
         assert self.tokenizer is not None
@@ -180,6 +193,33 @@ class StreamDataModule(L.LightningDataModule):
                 f"{self.cfg.max_length + 1} tokens; raise data.stream.valid_size"
             )
         return torch.cat(xs), torch.cat(ys)
+
+    def _component_windows(self, ids: list[str], texts: list[str]) -> None:
+        """Validation of a mixture: windows that never span two components, each with its
+        component's index (-1: the components' tails, packed together, in val/loss only)."""
+        x, y, c = component_windows(
+            ids, self._encoder()(texts), self.components, self.cfg.max_length
+        )
+        if not len(x):
+            raise StreamError(
+                f"the {len(texts)} validation samples hold fewer than max_length+1 = "
+                f"{self.cfg.max_length + 1} tokens; raise data.stream.valid_size"
+            )
+        measured = sorted(set(c.tolist()) - {-1})
+        too_small = [n for i, n in enumerate(self.components) if i not in measured]
+        if too_small and self.rank == 0:
+            log.warning(
+                "the validation samples of mixture component(s) %s hold fewer than max_length+1 = "
+                "%d tokens: no val/loss/<component> for them (their tokens count in val/loss); "
+                "raise data.stream.valid_size or the component's validation split on the server",
+                ", ".join(too_small),
+                self.cfg.max_length + 1,
+            )
+        # Indices into the components that have windows, as the module logs them.
+        renumber = {old: new for new, old in enumerate(measured)}
+        self.val_components = [self.components[i] for i in measured]
+        self.val_x, self.val_y = torch.from_numpy(x), torch.from_numpy(y)
+        self.val_component = torch.tensor([renumber.get(i, -1) for i in c.tolist()])
 
     def train_dataloader(self) -> DataLoader:
         assert self.tokenizer is not None, "call setup() first"
@@ -236,7 +276,10 @@ class StreamDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.val_x is None:
             return []
-        return DataLoader(TensorDataset(self.val_x, self.val_y), batch_size=self.cfg.batch_size)
+        tensors = [self.val_x, self.val_y]
+        if self.val_component is not None:  # (x, y, component index) batches
+            tensors.append(self.val_component)
+        return DataLoader(TensorDataset(*tensors), batch_size=self.cfg.batch_size)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Record the consumer state of each training batch as it goes to the model."""
@@ -247,11 +290,17 @@ class StreamDataModule(L.LightningDataModule):
                 self._states[batch["consumer"]] = batch["state"]
             self._trained += 1
             self.last_ids = batch["ids"]
+            if self.components:
+                self._count_components(batch.get("components", {}))
             self.saw_last_batch = self.saw_last_batch or batch.get("last", False)
             if self.cfg.log_batches:
                 self._log_batch(batch)
             return batch["x"], batch["y"]
         return batch
+
+    def _count_components(self, counts: dict[str, int]) -> None:
+        for c, name in enumerate(self.components):
+            self.component_tokens[c] += counts.get(name, 0)
 
     def _log_batch(self, batch: dict[str, Any]) -> None:
         def digest(x: torch.Tensor) -> str:
@@ -315,11 +364,13 @@ class StreamDataModule(L.LightningDataModule):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        version, elastic = state.get("version"), self.cfg.elastic.streams > 0
-        if version == ELASTIC_STATE_VERSION and elastic:
-            self._load_elastic(state)
+        version, canonical = state.get("version"), self.cfg.elastic.streams > 0
+        if version == ELASTIC_STATE_VERSION and canonical:
+            # Canonical streams resume on any topology that divides them (elastic.py).
+            self._trained = elastic.first_micro_batch(state, self._canonical(), self.accumulate)
+            self._resume = state
             return
-        if version == ELASTIC_STATE_VERSION or (version == STATE_VERSION and elastic):
+        if version == ELASTIC_STATE_VERSION or (version == STATE_VERSION and canonical):
             then = "elastic" if version == ELASTIC_STATE_VERSION else "per-consumer"
             raise ValueError(
                 f"the checkpoint's data was read as {then} streams and this run asks for "
@@ -340,31 +391,3 @@ class StreamDataModule(L.LightningDataModule):
             )
         self._resume = state
         self._trained = state["batches"].get(str(self.rank), 0)
-
-    def _load_elastic(self, state: dict[str, Any]) -> None:
-        """Canonical streams resume on any topology that divides them: micro-batches continue
-        from the checkpoint's step, at this run's accumulation."""
-        now, then = self._canonical(), state["elastic"]
-        if now != then:
-            changed = ", ".join(f"{k} {then[k]} -> {now[k]}" for k in now if now[k] != then.get(k))
-            raise ValueError(
-                f"the checkpoint's data is canonical streams {then} and this run's would be "
-                f"{now} ({changed}): the global batch (batch_size x devices x num_nodes x "
-                "accumulate_grad_batches), max_length, seed and data.stream.elastic must stay "
-                "the same for the data to continue exactly"
-            )
-        trained = max(state["batches"].values(), default=0)
-        if state["accumulate"] == self.accumulate:
-            first = trained  # even within a step, as a run of the same accumulation would
-        else:
-            steps, partial = divmod(trained, state["accumulate"])
-            if partial:
-                raise ValueError(
-                    f"the checkpoint was saved after {partial} of {state['accumulate']} "
-                    "accumulated micro-batches of a step; resume it with the same "
-                    "trainer.accumulate_grad_batches, or from a checkpoint saved at the end of "
-                    "a step (every periodic checkpoint is)"
-                )
-            first = steps * self.accumulate
-        self._resume = state
-        self._trained = first

@@ -6,6 +6,7 @@ micro-batch from the streams it is made of."""
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -141,6 +142,9 @@ class StreamDataset(IterableDataset):
                     "units": {u: p["state"] for u, p in parts},
                     "unit_ids": {u: p["ids"] for u, p in parts},
                     "last": any(p.get("last", False) for _, p in parts),
+                    "components": sum(
+                        (Counter(p.get("components", {})) for _, p in parts), Counter()
+                    ),
                 }
                 i += num_workers
         finally:

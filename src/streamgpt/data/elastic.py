@@ -163,3 +163,29 @@ def check_config(cfg: Any) -> None:
     problem = layout.problem()
     if problem:
         raise ValueError(problem)
+
+
+def first_micro_batch(state: dict[str, Any], now: dict[str, int], accumulate: int) -> int:
+    """Where a rank's micro-batches continue from an elastic checkpoint's data `state`, with this
+    run's canonical streams `now` and accumulation: the checkpoint's step, at any topology that
+    divides the same streams. Refuses, naming why, data that would not continue exactly."""
+    then = state["elastic"]
+    if now != then:
+        changed = ", ".join(f"{k} {then[k]} -> {now[k]}" for k in now if now[k] != then.get(k))
+        raise ValueError(
+            f"the checkpoint's data is canonical streams {then} and this run's would be "
+            f"{now} ({changed}): the global batch (batch_size x devices x num_nodes x "
+            "accumulate_grad_batches), max_length, seed and data.stream.elastic must stay "
+            "the same for the data to continue exactly"
+        )
+    trained = max(state["batches"].values(), default=0)
+    if state["accumulate"] == accumulate:
+        return trained  # even within a step, as a run of the same accumulation would
+    steps, partial = divmod(trained, state["accumulate"])
+    if partial:
+        raise ValueError(
+            f"the checkpoint was saved after {partial} of {state['accumulate']} accumulated "
+            "micro-batches of a step; resume it with the same trainer.accumulate_grad_batches, "
+            "or from a checkpoint saved at the end of a step (every periodic checkpoint is)"
+        )
+    return steps * accumulate

@@ -103,6 +103,8 @@ class StreamSetup:
             "corpus": corpus0,
             # A mixture's stages from a training step: where each starts (consumer.StepStages).
             "step_stages": [s["from_step"] for s in corpus0.get("stages", []) if "from_step" in s],
+            # A mixture's component names (sample ids are <component>/<id>); [] for one source.
+            "components": list((status0.get("mixture") or {}).get("components") or []),
         }
         if not extended:
             log.warning(
