@@ -19,6 +19,7 @@ import torch
 
 from streamgpt.data import RetryConfig, StreamDataModule, TokenizerConfig
 from streamgpt.data.client import Connection, StreamError
+from streamgpt.data.config import ElasticConfig
 from streamgpt.data.tokenizer import load, train_bpe
 from streamgpt.server.process import ServerProcess
 
@@ -134,6 +135,42 @@ def test_a_resumed_module_continues_with_the_next_batch(make_dm, workers, k):
     continued = take(resumed, n - k)
     for (x, y, ids), (x2, y2, ids2) in zip(batches[k:], continued, strict=True):
         assert torch.equal(x, x2) and torch.equal(y, y2) and ids == ids2
+
+
+@pytest.mark.parametrize("elastic", [0, 2])
+def test_two_ranks_resumed_twice_continue_with_the_next_batches(make_dm, elastic):
+    """Each rank keeps only its own streams' states after a resume: the next checkpoint gathers
+    every rank's, and a stale copy of another rank's would overwrite that rank's newer one."""
+    options = {"elastic": ElasticConfig(streams=elastic, phases=1)}
+
+    def ranks(name: str) -> list[StreamDataModule]:
+        return [make_dm(name, rank=r, world_size=2, **options) for r in (0, 1)]
+
+    def gathered(dms: list[StreamDataModule]) -> dict:
+        """What the all-gather of state_dict makes of the ranks' parts, in rank order."""
+        parts = [dm.state_dict() for dm in dms]
+        key = "units" if elastic else "consumers"
+        state = {**parts[0], "batches": {"0": parts[0]["batches"]["0"], "1": 0}}
+        state[key] = {}
+        for rank, part in enumerate(parts):
+            state[key].update(part[key])
+            state["batches"][str(rank)] = part["batches"][str(rank)]
+        return checkpoint_roundtrip(state)
+
+    want = [take(dm, 9) for dm in ranks("ref")]
+    first = ranks("a")
+    for dm in first:
+        take(dm, 3)
+    second = ranks("a")
+    for dm, state in zip(second, [gathered(first)] * 2, strict=True):
+        dm.load_state_dict(state)
+        take(dm, 3)
+    third = ranks("a")
+    state = gathered(second)
+    for rank, dm in enumerate(third):
+        dm.load_state_dict(state)
+        for (x, _, ids), (x2, _, ids2) in zip(want[rank][6:], take(dm, 3), strict=True):
+            assert torch.equal(x, x2) and ids == ids2, f"rank {rank} after the second resume"
 
 
 def test_a_resume_with_other_ranks_or_workers_is_refused(make_dm):
