@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from streamgpt import __version__
-from streamgpt.server import gate, protocol
+from streamgpt.server import gate, protocol, report
 from streamgpt.server.config import LimitsConfig
 from streamgpt.server.corpus import IndexedCorpus, ShardedCorpus
 from streamgpt.server.mixture import MixCorpus
@@ -34,7 +34,6 @@ from streamgpt.server.streams import (
     StreamBase,
     open_stream,
 )
-from streamgpt.wire import EXTENSIONS, PROTOCOL_VERSION
 
 log = logging.getLogger("streamgpt.server")
 
@@ -119,7 +118,7 @@ class StreamServer:
             server_header=f"streamgpt/{__version__}",
         )
         self.port = self._server.sockets[0].getsockname()[1]
-        self._ticker = asyncio.create_task(self._log_throughput())
+        self._ticker = asyncio.create_task(report.log_throughput(self))
         self._started = time.monotonic()
         return self
 
@@ -345,54 +344,4 @@ class StreamServer:
     # -- reporting ---------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        core = self._core.cursor()
-        # A mixture's composition: the shared stream's stage and weights, samples per component.
-        mixture = isinstance(self.corpus, MixCorpus)
-        extra = {"mixture": self.corpus.composition(self._core)} if mixture else {}
-        return {
-            "server": f"streamgpt {__version__}",
-            "protocol": PROTOCOL_VERSION,
-            "extensions": list(EXTENSIONS),
-            "active_connections": len(self._connections),
-            "current_position": core["n"],
-            "shared_cursor": core,
-            "ended": self._core_ended,
-            "end": {"max_epochs": self.max_epochs, "max_samples": self.max_samples},
-            "validation_ids_count": len(self._validation_ids),
-            "samples_served": self.samples_served,
-            "bytes_served": self.bytes_served,
-            "uptime_s": round(time.monotonic() - self._started, 1),
-            "corpus": {
-                **self.corpus.description,
-                "fingerprint": self.corpus.fingerprint,
-                "chunk_words": self.corpus.chunking.words,
-                "whitespace": self.corpus.chunking.whitespace,
-                "eot_marker": self.corpus.chunking.eot_marker,
-            },
-            "limits": {
-                "max_frame_bytes": self.limits.max_frame_bytes,
-                "max_batch_size": self.limits.max_batch_size,
-                "max_connections": self.limits.max_connections,
-                "idle_timeout_s": self.limits.idle_timeout_s,
-                "max_validation_ids": self.limits.max_validation_ids,
-            },
-            "auth": "bearer" if self.token else None,
-            **extra,
-        }
-
-    async def _log_throughput(self) -> None:
-        samples, size, then = self.samples_served, self.bytes_served, time.monotonic()
-        while True:
-            await asyncio.sleep(self.log_every_s)
-            now = time.monotonic()
-            ds, db, dt = self.samples_served - samples, self.bytes_served - size, now - then
-            if ds:
-                log.info(
-                    "served %.0f samples/s, %.1f MB/s in %.0f s; %d connections; %d samples so far",
-                    ds / dt,
-                    db / dt / 1e6,
-                    dt,
-                    len(self._connections),
-                    self.samples_served,
-                )
-            samples, size, then = self.samples_served, self.bytes_served, now
+        return report.status(self)
