@@ -34,6 +34,7 @@ from streamgpt.server.streams import (
     StreamBase,
     open_stream,
 )
+from streamgpt.server.tokens import BinaryFrame, Tokenizers, TokenMode
 
 log = logging.getLogger("streamgpt.server")
 
@@ -46,6 +47,7 @@ class Session:
     peer: str
     consumer: ConsumerSpec | None = None
     stream: StreamBase | None = None  # own stream of a consumer; None reads the shared stream
+    tokens: TokenMode | None = None  # tokens on the wire: how its getData replies are tokenized
     start: dict[str, Any] = field(default_factory=dict)  # how to reopen the stream on reset
     samples: int = 0
     bytes: int = 0
@@ -82,6 +84,7 @@ class StreamServer:
         self.log_every_s = log_every_s
         self._info = protocol.info_reply(output_name)
         self._validation_ids: frozenset[str] = frozenset()
+        self._tokenizers = Tokenizers(self.limits.max_tokenizer_bytes)
         self._numbers = itertools.count(1)
         self._connections: set[ServerConnection] = set()
         self._server: Server | None = None
@@ -192,13 +195,16 @@ class StreamServer:
             hello = protocol.handshake(first)
             if hello.consumer is not None:
                 self._check_consumer(hello.consumer)
+                if hello.tokens is not None:
+                    eot = self.corpus.chunking.eot_marker
+                    session.tokens = self._tokenizers.mode(hello.tokens, eot)
                 session.consumer = hello.consumer
                 session.start = {"epoch": hello.epoch, "cursor": hello.cursor, "stage": hello.stage}
                 session.stream = self._consumer_stream(hello.consumer, **session.start)
         except (ProtocolError, CursorError) as e:
             text = str(e) if isinstance(e, ProtocolError) else f"handshake: {e}"
             log.info("connection #%d from %s refused: %s", session.number, session.peer, text)
-            await ws.send(protocol.error(text), text=True)
+            await ws.send(protocol.error(text, **getattr(e, "fields", {})), text=True)
             await ws.close(1008, "handshake failed")
             return False
         await ws.send(protocol.handshake_reply(), text=True)
@@ -214,6 +220,8 @@ class StreamServer:
             )
             if session.start["stage"] is not None:
                 mode += f" stage={session.start['stage']}"
+            if session.tokens is not None:
+                mode += f" tokens={session.tokens.dtype}"
         log.info("connection #%d from %s: %s", session.number, session.peer, mode)
         return True
 
@@ -268,7 +276,7 @@ class StreamServer:
             except ProtocolError as e:
                 replies = (protocol.error(str(e)),)
             for reply in replies:
-                await ws.send(reply, text=True)
+                await ws.send(reply, text=not isinstance(reply, BinaryFrame))
 
     async def _answer(self, session: Session, msg: dict[str, Any]) -> tuple[bytes, ...]:
         kind = msg["type"]
@@ -278,6 +286,8 @@ class StreamServer:
             )
         if kind == "heartbeat":
             return (protocol.HEARTBEAT,)
+        if kind == "putTokenizer":
+            return (await self._tokenizers.put(msg),)
         if kind == "getInfo":
             return (self._info,)
         if kind == "status":
@@ -318,7 +328,10 @@ class StreamServer:
                     if len(samples) < n:
                         self._core_ended = True
                         log.info("the shared stream reached its configured end")
-        reply = protocol.data_reply(samples, cursor)
+        if session.tokens is not None and samples:  # the end stays a JSON terminate
+            reply = await asyncio.to_thread(session.tokens.frame, samples, cursor)
+        else:
+            reply = protocol.data_reply(samples, cursor)
         session.samples += len(samples)
         session.bytes += len(reply)
         self.samples_served += len(samples)

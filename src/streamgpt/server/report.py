@@ -49,6 +49,7 @@ def status(server: StreamServer) -> dict[str, Any]:
             "max_connections": limits.max_connections,
             "idle_timeout_s": limits.idle_timeout_s,
             "max_validation_ids": limits.max_validation_ids,
+            "max_tokenizer_bytes": limits.max_tokenizer_bytes,
         },
         "auth": "bearer" if server.token else None,
         **extra,
