@@ -77,7 +77,7 @@ def test_handshake_reply_lists_the_extensions(serve, client, corpus):
     assert reply == {
         "type": "handshake",
         "version": "1.0",
-        "extensions": ["consumer", "cursor", "validation_split"],
+        "extensions": ["consumer", "cursor", "validation_split", "tokens"],
     }
 
 

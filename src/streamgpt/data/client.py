@@ -10,10 +10,12 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import orjson
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
+from streamgpt.data.token_frame import FrameError, read_frame
 from streamgpt.wire import PROTOCOL_VERSION
 
 
@@ -23,6 +25,10 @@ class StreamError(RuntimeError):
 
 class ServerRefused(StreamError):
     """The server answered, but refuses us (a bad token, a bad request): retrying will not help."""
+
+
+class UnknownTokenizer(ServerRefused):
+    """Tokens on the wire: the server does not hold our tokenizer yet (putTokenizer uploads it)."""
 
 
 def no_server(url: str, cause: BaseException | str) -> str:
@@ -38,6 +44,7 @@ class Reply:
     texts: list[str]
     cursor: dict[str, Any] | None
     ended: bool
+    tokens: list[np.ndarray] | None = None  # tokens on the wire: each sample's ids, no texts
 
 
 def token_from_env(name: str | None) -> str | None:
@@ -61,6 +68,7 @@ class Connection:
         self.recv_timeout = recv_timeout
         self.ws: ClientConnection | None = None
         self.extended = False
+        self.tokens = False  # the server sends our getData replies as token frames
 
     def open(self, consumer: dict[str, Any] | None = None) -> Connection:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
@@ -93,8 +101,13 @@ class Connection:
         reply = self._ask(hello)
         if reply.get("type") != "handshake":
             self.close()
-            raise ServerRefused(f"{self.url} refused the handshake: {_error_text(reply)}")
-        self.extended = "consumer" in (reply.get("extensions") or [])
+            payload = reply.get("payload")
+            unknown = isinstance(payload, dict) and "unknown_tokenizer" in payload
+            refused = UnknownTokenizer if unknown else ServerRefused
+            raise refused(f"{self.url} refused the handshake: {_error_text(reply)}")
+        extensions = reply.get("extensions") or []
+        self.extended = "consumer" in extensions
+        self.tokens = "tokens" in (consumer or {}) and "tokens" in extensions
         return self
 
     def _ask(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -112,13 +125,18 @@ class Connection:
             raise ConnectionError(f"connection closed ({e})") from None
 
     def receive(self) -> dict[str, Any]:
+        return self._json(self._frame())
+
+    def _frame(self) -> str | bytes:
         assert self.ws is not None
         try:
-            frame = self.ws.recv(timeout=self.recv_timeout)
+            return self.ws.recv(timeout=self.recv_timeout)
         except ConnectionClosed as e:
             raise ConnectionError(f"connection closed ({e})") from None
         except TimeoutError:
             raise TimeoutError(f"no reply within {self.recv_timeout:g} s") from None
+
+    def _json(self, frame: str | bytes) -> dict[str, Any]:
         try:
             message = orjson.loads(frame)
         except orjson.JSONDecodeError as e:
@@ -131,7 +149,14 @@ class Connection:
         self.send({"type": "getData", "payload": {"batch_size": batch_size}})
 
     def receive_data(self) -> Reply:
-        message = self.receive()
+        frame = self._frame()
+        if self.tokens and isinstance(frame, bytes):  # a token frame; errors and the end are JSON
+            try:
+                tokens = read_frame(frame)
+            except FrameError as e:
+                raise ConnectionError(f"{self.url} sent a malformed token frame: {e}") from None
+            return Reply(tokens.ids, [], tokens.cursor, ended=False, tokens=tokens.tokens)
+        message = self._json(frame)
         kind = message.get("type")
         if kind == "error":
             raise ServerRefused(f"the stream server at {self.url} said: {_error_text(message)}")
@@ -157,6 +182,12 @@ class Connection:
         reply = self._ask({"type": "setValidationIds", "payload": {"validation_ids": ids}})
         if reply.get("type") != "validationIdsConfirmation":
             raise ServerRefused(f"{self.url} did not accept validation ids: {_error_text(reply)}")
+
+    def put_tokenizer(self, sha256: str, tokenizer_json: str) -> None:
+        payload = {"sha256": sha256, "tokenizer_json": tokenizer_json}
+        reply = self._ask({"type": "putTokenizer", "payload": payload})
+        if reply.get("type") != "tokenizerConfirmation":
+            raise ServerRefused(f"{self.url} did not accept our tokenizer: {_error_text(reply)}")
 
     def close(self) -> None:
         if self.ws is not None:

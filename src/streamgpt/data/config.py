@@ -48,6 +48,9 @@ class StreamConfig:
     # > 0: train on the first this many batches of the stream, over and over (debug=overfit).
     overfit_batches: int = 0
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    # Ask the server for token ids instead of text (it tokenizes with the run's tokenizer, which
+    # the client uploads); the batches are the same. Falls back to text on a server without it.
+    tokens_on_wire: bool = False
 
 
 @dataclass

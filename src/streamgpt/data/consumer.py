@@ -38,6 +38,7 @@ import torch
 
 from streamgpt.data.client import Connection, ServerRefused, StreamError
 from streamgpt.data.packing import TokenPacker
+from streamgpt.data.tokens_on_wire import WireTokens
 
 log = logging.getLogger("streamgpt.data")
 
@@ -80,9 +81,10 @@ class ConsumerFeed:
         state: dict[str, Any] | None = None,
         rows: int | None = None,
         stages: StepStages | None = None,
+        wire: WireTokens | None = None,
     ) -> None:
         """`rows`: sequences per batch, if not cfg.batch_size (a canonical stream's share of a
-        step, data/elastic.py)."""
+        step, data/elastic.py). `wire`: read token ids, not text (data.stream.tokens_on_wire)."""
         self.url = url
         self.consumer = consumer
         self.k = consumer["rank"] * consumer["num_workers"] + consumer["worker"]
@@ -93,6 +95,7 @@ class ConsumerFeed:
         self.rows = rows or cfg.batch_size
         self.packer = TokenPacker(self.rows, cfg.max_length, state)
         self.stages = stages
+        self.wire = wire
         self.batches = state.get("batches", 0) if state else 0  # produced, across resumes
         self.stage = state.get("stage", 0) if state else 0  # of the data in hand
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, cfg.prefetch_batches))
@@ -164,7 +167,7 @@ class ConsumerFeed:
             if self.stages is not None:
                 hello["stage"] = self.stage
             try:
-                self._conn = conn.open(hello)
+                self._conn = conn.open(hello) if self.wire is None else self.wire.open(conn, hello)
                 return self._conn
             except ServerRefused:
                 raise
@@ -235,7 +238,8 @@ class ConsumerFeed:
                 self._put(_END)
                 conn.close()
                 return
-            self.packer.add(reply.ids, self.encode(reply.texts))
+            tokens = reply.tokens if reply.tokens is not None else self.encode(reply.texts)
+            self.packer.add(reply.ids, tokens)
             if reply.cursor is not None:
                 self.cursor = reply.cursor
             while self.packer.ready():

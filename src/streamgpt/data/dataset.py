@@ -17,6 +17,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from streamgpt.data.consumer import ConsumerFeed, StepStages
 from streamgpt.data.elastic import Layout
 from streamgpt.data.packing import Encoder
+from streamgpt.data.tokens_on_wire import WireTokens
 
 
 class StreamDataset(IterableDataset):
@@ -77,8 +78,9 @@ class StreamDataset(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         encode = Encoder(Tokenizer.from_str(self.tokenizer_json), self.server_eot, self.eos_token)
+        wire = WireTokens(self.tokenizer_json, self.eos_token) if self.cfg.tokens_on_wire else None
         if self.layout is not None:
-            yield from self._elastic(worker, num_workers, encode)
+            yield from self._elastic(worker, num_workers, encode, wire)
             return
         consumer = self.consumer(worker, num_workers)
         k = self.rank * num_workers + consumer["worker"]
@@ -90,6 +92,7 @@ class StreamDataset(IterableDataset):
             self.token,
             self.states.get(k),
             stages=self._stages(consumer["worker"], num_workers),
+            wire=wire,
         )
         yield from feed
 
@@ -103,7 +106,11 @@ class StreamDataset(IterableDataset):
         return StepStages.of_worker(self.step_stages, self.accumulate, worker, of)
 
     def _elastic(
-        self, worker: int, num_workers: int, encode: Callable[[list[str]], list[list[int]]]
+        self,
+        worker: int,
+        num_workers: int,
+        encode: Callable[[list[str]], list[list[int]]],
+        wire: WireTokens | None,
     ) -> Iterator[dict[str, Any]]:
         """This worker's micro-batches (first+worker, first+worker+W, ...), each the next rows of
         the canonical streams it is made of, in stream order."""
@@ -119,6 +126,7 @@ class StreamDataset(IterableDataset):
                 self.states.get(u),
                 rows=layout.rows,
                 stages=self._stages(*layout.phase_of(u)),
+                wire=wire,
             )
             for u in layout.units_of_worker(self.rank, worker, self.first)
         }

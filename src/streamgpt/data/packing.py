@@ -8,6 +8,7 @@ goes into checkpoints.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -37,9 +38,9 @@ class TokenPacker:
             self._starts = [(int(o), str(i)) for o, i in state["ids"]]
             self._current = state.get("current")
 
-    def add(self, sample_ids: list[str], token_lists: list[list[int]]) -> None:
+    def add(self, sample_ids: list[str], token_lists: Sequence[Sequence[int]]) -> None:
         for sample_id, ids in zip(sample_ids, token_lists, strict=True):
-            if not ids:
+            if len(ids) == 0:  # a list, or a token frame's array
                 continue
             self._starts.append((self._size, sample_id))
             self._parts.append(np.asarray(ids, dtype=np.int32))

@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from streamgpt import __version__
-from streamgpt.server import gate, protocol
+from streamgpt.server import gate, protocol, report
 from streamgpt.server.config import LimitsConfig
 from streamgpt.server.corpus import IndexedCorpus, ShardedCorpus
 from streamgpt.server.mixture import MixCorpus
@@ -34,7 +34,7 @@ from streamgpt.server.streams import (
     StreamBase,
     open_stream,
 )
-from streamgpt.wire import EXTENSIONS, PROTOCOL_VERSION
+from streamgpt.server.tokens import BinaryFrame, Tokenizers, TokenMode
 
 log = logging.getLogger("streamgpt.server")
 
@@ -47,6 +47,7 @@ class Session:
     peer: str
     consumer: ConsumerSpec | None = None
     stream: StreamBase | None = None  # own stream of a consumer; None reads the shared stream
+    tokens: TokenMode | None = None  # tokens on the wire: how its getData replies are tokenized
     start: dict[str, Any] = field(default_factory=dict)  # how to reopen the stream on reset
     samples: int = 0
     bytes: int = 0
@@ -83,6 +84,7 @@ class StreamServer:
         self.log_every_s = log_every_s
         self._info = protocol.info_reply(output_name)
         self._validation_ids: frozenset[str] = frozenset()
+        self._tokenizers = Tokenizers(self.limits.max_tokenizer_bytes)
         self._numbers = itertools.count(1)
         self._connections: set[ServerConnection] = set()
         self._server: Server | None = None
@@ -119,7 +121,7 @@ class StreamServer:
             server_header=f"streamgpt/{__version__}",
         )
         self.port = self._server.sockets[0].getsockname()[1]
-        self._ticker = asyncio.create_task(self._log_throughput())
+        self._ticker = asyncio.create_task(report.log_throughput(self))
         self._started = time.monotonic()
         return self
 
@@ -193,13 +195,16 @@ class StreamServer:
             hello = protocol.handshake(first)
             if hello.consumer is not None:
                 self._check_consumer(hello.consumer)
+                if hello.tokens is not None:
+                    eot = self.corpus.chunking.eot_marker
+                    session.tokens = self._tokenizers.mode(hello.tokens, eot)
                 session.consumer = hello.consumer
                 session.start = {"epoch": hello.epoch, "cursor": hello.cursor, "stage": hello.stage}
                 session.stream = self._consumer_stream(hello.consumer, **session.start)
         except (ProtocolError, CursorError) as e:
             text = str(e) if isinstance(e, ProtocolError) else f"handshake: {e}"
             log.info("connection #%d from %s refused: %s", session.number, session.peer, text)
-            await ws.send(protocol.error(text), text=True)
+            await ws.send(protocol.error(text, **getattr(e, "fields", {})), text=True)
             await ws.close(1008, "handshake failed")
             return False
         await ws.send(protocol.handshake_reply(), text=True)
@@ -215,6 +220,8 @@ class StreamServer:
             )
             if session.start["stage"] is not None:
                 mode += f" stage={session.start['stage']}"
+            if session.tokens is not None:
+                mode += f" tokens={session.tokens.dtype}"
         log.info("connection #%d from %s: %s", session.number, session.peer, mode)
         return True
 
@@ -269,7 +276,7 @@ class StreamServer:
             except ProtocolError as e:
                 replies = (protocol.error(str(e)),)
             for reply in replies:
-                await ws.send(reply, text=True)
+                await ws.send(reply, text=not isinstance(reply, BinaryFrame))
 
     async def _answer(self, session: Session, msg: dict[str, Any]) -> tuple[bytes, ...]:
         kind = msg["type"]
@@ -279,6 +286,8 @@ class StreamServer:
             )
         if kind == "heartbeat":
             return (protocol.HEARTBEAT,)
+        if kind == "putTokenizer":
+            return (await self._tokenizers.put(msg),)
         if kind == "getInfo":
             return (self._info,)
         if kind == "status":
@@ -319,7 +328,10 @@ class StreamServer:
                     if len(samples) < n:
                         self._core_ended = True
                         log.info("the shared stream reached its configured end")
-        reply = protocol.data_reply(samples, cursor)
+        if session.tokens is not None and samples:  # the end stays a JSON terminate
+            reply = await asyncio.to_thread(session.tokens.frame, samples, cursor)
+        else:
+            reply = protocol.data_reply(samples, cursor)
         session.samples += len(samples)
         session.bytes += len(reply)
         self.samples_served += len(samples)
@@ -345,54 +357,4 @@ class StreamServer:
     # -- reporting ---------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        core = self._core.cursor()
-        # A mixture's composition: the shared stream's stage and weights, samples per component.
-        mixture = isinstance(self.corpus, MixCorpus)
-        extra = {"mixture": self.corpus.composition(self._core)} if mixture else {}
-        return {
-            "server": f"streamgpt {__version__}",
-            "protocol": PROTOCOL_VERSION,
-            "extensions": list(EXTENSIONS),
-            "active_connections": len(self._connections),
-            "current_position": core["n"],
-            "shared_cursor": core,
-            "ended": self._core_ended,
-            "end": {"max_epochs": self.max_epochs, "max_samples": self.max_samples},
-            "validation_ids_count": len(self._validation_ids),
-            "samples_served": self.samples_served,
-            "bytes_served": self.bytes_served,
-            "uptime_s": round(time.monotonic() - self._started, 1),
-            "corpus": {
-                **self.corpus.description,
-                "fingerprint": self.corpus.fingerprint,
-                "chunk_words": self.corpus.chunking.words,
-                "whitespace": self.corpus.chunking.whitespace,
-                "eot_marker": self.corpus.chunking.eot_marker,
-            },
-            "limits": {
-                "max_frame_bytes": self.limits.max_frame_bytes,
-                "max_batch_size": self.limits.max_batch_size,
-                "max_connections": self.limits.max_connections,
-                "idle_timeout_s": self.limits.idle_timeout_s,
-                "max_validation_ids": self.limits.max_validation_ids,
-            },
-            "auth": "bearer" if self.token else None,
-            **extra,
-        }
-
-    async def _log_throughput(self) -> None:
-        samples, size, then = self.samples_served, self.bytes_served, time.monotonic()
-        while True:
-            await asyncio.sleep(self.log_every_s)
-            now = time.monotonic()
-            ds, db, dt = self.samples_served - samples, self.bytes_served - size, now - then
-            if ds:
-                log.info(
-                    "served %.0f samples/s, %.1f MB/s in %.0f s; %d connections; %d samples so far",
-                    ds / dt,
-                    db / dt / 1e6,
-                    dt,
-                    len(self._connections),
-                    self.samples_served,
-                )
-            samples, size, then = self.samples_served, self.bytes_served, now
+        return report.status(self)

@@ -123,6 +123,8 @@ class LimitsConfig:
     idle_timeout_s: float = 3600.0
     # setValidationIds accumulates (see app.py); this bounds the memory it can take.
     max_validation_ids: int = 1_000_000
+    # putTokenizer (tokens on the wire): the largest tokenizer.json accepted, in UTF-8 bytes.
+    max_tokenizer_bytes: int = 4 << 20
 
 
 @dataclass

@@ -22,13 +22,19 @@ REQUEST_TYPES = (
     "status",
     "reset",
     "setValidationIds",
+    "putTokenizer",
 )
 _ACCEPTED = ", ".join(REQUEST_TYPES)
 _MAX_SEED = 2**63 - 1
 
 
 class ProtocolError(Exception):
-    """A request the server answers with an `error` message."""
+    """A request the server answers with an `error` message; `fields` go into its payload beside
+    the message (for a client to act on, such as `unknown_tokenizer`)."""
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.fields = fields
 
 
 def _show(value: Any, limit: int = 60) -> str:
@@ -64,23 +70,23 @@ def decode(frame: str | bytes) -> dict[str, Any]:
     return msg
 
 
-def _payload(msg: dict[str, Any]) -> dict[str, Any]:
-    payload = msg.get("payload")
-    if payload is None:
+def payload(msg: dict[str, Any]) -> dict[str, Any]:
+    value = msg.get("payload")
+    if value is None:
         return {}
-    if not isinstance(payload, dict):
-        raise ProtocolError(f"{msg['type']}: 'payload' must be a JSON object, got {_show(payload)}")
-    return payload
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{msg['type']}: 'payload' must be a JSON object, got {_show(value)}")
+    return value
 
 
 def batch_size(msg: dict[str, Any], limit: int) -> int:
-    payload = _payload(msg)
-    if "batch_size" not in payload:
+    fields = payload(msg)
+    if "batch_size" not in fields:
         raise ProtocolError(
             f"getData needs payload.batch_size, a positive integer at most {limit}, e.g. "
             '{"type": "getData", "payload": {"batch_size": 32}}'
         )
-    n = payload["batch_size"]
+    n = fields["batch_size"]
     if not _is_int(n) or not 1 <= n <= limit:
         raise ProtocolError(
             f"getData: batch_size must be a positive integer at most {limit}, got {_show(n)}"
@@ -89,7 +95,7 @@ def batch_size(msg: dict[str, Any], limit: int) -> int:
 
 
 def validation_ids(msg: dict[str, Any]) -> list[str]:
-    ids = _payload(msg).get("validation_ids")
+    ids = payload(msg).get("validation_ids")
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise ProtocolError(
             "setValidationIds needs payload.validation_ids, a list of sample id strings, got "
@@ -104,6 +110,7 @@ class Handshake:
     epoch: int = 0
     cursor: Any = None
     stage: int | None = None  # a mixture's stage from a step (None: the cursor's, or 0)
+    tokens: Any = None  # tokens on the wire: the consumer's tokenizer (server/tokens.py checks it)
 
 
 def handshake(msg: dict[str, Any]) -> Handshake:
@@ -157,15 +164,15 @@ def _consumer(c: dict[str, Any]) -> Handshake:
     spec = ConsumerSpec(
         seed=seed, index=rank * workers + worker, count=world * workers, split=split
     )
-    return Handshake(spec, epoch, c.get("cursor"), stage)
+    return Handshake(spec, epoch, c.get("cursor"), stage, c.get("tokens"))
 
 
 def encode(message: dict[str, Any]) -> bytes:
     return orjson.dumps(message)
 
 
-def error(message: str) -> bytes:
-    return encode({"type": "error", "payload": {"message": message}})
+def error(message: str, **fields: Any) -> bytes:
+    return encode({"type": "error", "payload": {"message": message, **fields}})
 
 
 def handshake_reply() -> bytes:
