@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from streamgpt.data import StreamDataModule, TokenizerConfig
+from streamgpt.data.config import ElasticConfig
 from streamgpt.server import StreamServer
 
 from .helpers.core_server import CoreOnlyServer
@@ -172,3 +173,18 @@ def test_a_server_without_tokens_is_read_as_text_with_one_warning(tmp_path, capl
     assert len(batches) == 8
     warnings = [r for r in caplog.records if "does not send tokens" in r.getMessage()]
     assert len(warnings) == 1 and "tokens_on_wire=true is ignored" in warnings[0].getMessage()
+
+
+def test_tokens_in_worker_processes_and_canonical_streams_train_the_batches_of_text(
+    server, tokenizer, tmp_path, caplog
+):
+    """DataLoader workers (each its own consumers) and elastic data (2 x 2 canonical streams,
+    one connection each): the same batches on tokens as on text."""
+    options = {"num_workers": 2, "elastic": ElasticConfig(streams=2, phases=2)}
+    text = fit(server.url, tmp_path / "text", tokenizer, tokens=False, **options)
+    caplog.set_level(logging.INFO, logger="streamgpt.server")
+    got = fit(server.url, tmp_path / "tokens", tokenizer, tokens=True, **options)
+    readers = [r for r in caplog.records if "tokens=uint16" in r.getMessage()]
+    assert len(readers) >= 4, "the four canonical streams read tokens"
+    assert len(got.trained_x) == STEPS
+    assert_same_batches(got, text)
