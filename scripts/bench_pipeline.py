@@ -1,8 +1,9 @@
 """The data pipeline alone: tokens/s delivered as training batches (no model), in one run.
 
 Our server (embedded corpus) feeds StreamDataModule with 1 consumer (the main process) and with 4
-(DataLoader workers), each with one stream per consumer and with elastic data (32 canonical
-streams: 8 per step x 4 phases); batches are drawn as fast as they come. Reported: tokens/s,
+(DataLoader workers), each reading text with one stream per consumer, text with elastic data (32
+canonical streams: 8 per step x 4 phases), and tokens on the wire (the server tokenizes); batches
+are drawn as fast as they come. Reported: tokens/s,
 the time to the first batch, and tokens per CPU-second of the client (JSON, tokenization,
 packing: the cost a trainer host pays per core). Against it, in the same run: babygpt training
 tokens/s on this CPU (fp32), and, on paper, what one H100 training babygpt at 40% MFU needs per
@@ -35,17 +36,31 @@ from bench_train import load_config
 H100_BF16 = 989.5e12
 BATCH, LENGTH = 64, 512  # babygpt / EIR tutorial 02
 ELASTIC = ElasticConfig(streams=8, phases=4)  # up to 8 ranks x accumulation, 4 workers per rank
+VARIANTS = {
+    "text": "text, 1 stream per consumer",
+    "elastic": f"text, {ELASTIC.streams * ELASTIC.phases} canonical streams",
+    "tokens": "tokens on the wire",
+}
 
 
-def cpu_seconds(proc: psutil.Process) -> float:
+def cpu_seconds(proc: psutil.Process, server_pid: int) -> float:
+    """CPU seconds of this process and its children (DataLoader workers), not the server's."""
+    server = psutil.Process(server_pid)
+    skip = {server_pid, *(c.pid for c in server.children(recursive=True))}
     total = sum(proc.cpu_times()[:2])
     for child in proc.children(recursive=True):
+        if child.pid in skip:
+            continue
         with contextlib.suppress(psutil.NoSuchProcess):  # a worker that just exited
             total += sum(child.cpu_times()[:2])
     return total
 
 
-def pipeline(url: str, tokenizer: Path, consumers: int, elastic: bool, seconds: float) -> dict:
+def pipeline(
+    server: ServerProcess, tokenizer: Path, consumers: int, variant: str, seconds: float
+) -> dict:
+    """Batches drawn as fast as they come for `seconds`; variant: "text", "elastic" or "tokens"."""
+    url, server_pid = server.url, server.proc.pid
     run = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     shutil.copy(tokenizer, run / "tokenizer.json")
     cfg = StreamConfig(
@@ -55,7 +70,8 @@ def pipeline(url: str, tokenizer: Path, consumers: int, elastic: bool, seconds: 
         valid_size=0,
         num_workers=consumers if consumers > 1 else 0,
         prefetch_batches=8,
-        elastic=ELASTIC if elastic else ElasticConfig(),
+        elastic=ELASTIC if variant == "elastic" else ElasticConfig(),
+        tokens_on_wire=variant == "tokens",
     )
     dm = StreamDataModule(cfg, TokenizerConfig(), run)
     dm.setup()
@@ -64,18 +80,18 @@ def pipeline(url: str, tokenizer: Path, consumers: int, elastic: bool, seconds: 
     batches = iter(dm.train_dataloader())
     dm.on_before_batch_transfer(next(batches), 0)
     first = time.perf_counter() - started
-    cpu0, t0, tokens = cpu_seconds(me), time.perf_counter(), 0
+    cpu0, t0, tokens = cpu_seconds(me, server_pid), time.perf_counter(), 0
     while time.perf_counter() - t0 < seconds:
         x, _ = dm.on_before_batch_transfer(next(batches), 0)
         tokens += x.numel()
     elapsed = time.perf_counter() - t0
-    cpu = cpu_seconds(me) - cpu0
+    cpu = cpu_seconds(me, server_pid) - cpu0
     if hasattr(batches, "_shutdown_workers"):
         batches._shutdown_workers()
     shutil.rmtree(run)
     return {
         "consumers": consumers,
-        "streams": f"{ELASTIC.streams * ELASTIC.phases} canonical" if elastic else "1 per consumer",
+        "variant": VARIANTS[variant],
         "tokens_per_s": tokens / elapsed,
         "first_batch_s": first,
         "tokens_per_cpu_s": tokens / cpu,
@@ -119,8 +135,8 @@ def main() -> None:
         )
         setup.prepare_data()  # the tokenizer babygpt would use: BPE 8192 on streamed text
         rows = [
-            pipeline(server.url, run / "tokenizer.json", c, elastic, args.seconds)
-            for elastic in (False, True)
+            pipeline(server, run / "tokenizer.json", c, variant, args.seconds)
+            for variant in VARIANTS
             for c in (1, 4)
         ]
     train_rate = babygpt_cpu_tokens_per_s(args.seconds)
@@ -129,23 +145,28 @@ def main() -> None:
     per_core = h100 / 16
 
     print(f"\npipeline: batches of {BATCH} x {LENGTH} tokens from a live stream (no model)")
-    print("| consumers | streams | tokens/s | first batch s | tokens per client CPU-second |")
+    print("| consumers | what | tokens/s | first batch s | tokens per client CPU-second |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['consumers']} | {r['streams']} | {r['tokens_per_s']:.0f} | "
+            f"| {r['consumers']} | {r['variant']} | {r['tokens_per_s']:.0f} | "
             f"{r['first_batch_s']:.2f} | {r['tokens_per_cpu_s']:.0f} |"
         )
-    for c in (1, 4):
-        plain, elastic = (r for r in rows if r["consumers"] == c)
-        speed = elastic["tokens_per_s"] / plain["tokens_per_s"]
-        cost = elastic["tokens_per_cpu_s"] / plain["tokens_per_cpu_s"]
-        print(
-            f"elastic data with {c} consumer(s): {speed:.2f} of the tokens/s, {cost:.2f} of the "
-            "tokens per client CPU-second"
-        )
-    best = max(r["tokens_per_s"] for r in rows)
-    per_cpu = max(r["tokens_per_cpu_s"] for r in rows)
+    for variant in ("elastic", "tokens"):
+        for c in (1, 4):
+            base, other = (
+                next(r for r in rows if r["consumers"] == c and r["variant"] == VARIANTS[v])
+                for v in ("text", variant)
+            )
+            speed = other["tokens_per_s"] / base["tokens_per_s"]
+            cost = other["tokens_per_cpu_s"] / base["tokens_per_cpu_s"]
+            print(
+                f"{VARIANTS[variant]} with {c} consumer(s): {speed:.2f}x the tokens/s, "
+                f"{cost:.2f}x the tokens per client CPU-second of text"
+            )
+    text = [r for r in rows if r["variant"] == VARIANTS["text"]]
+    best = max(r["tokens_per_s"] for r in text)
+    per_cpu = max(r["tokens_per_cpu_s"] for r in text)
     print(
         f"\nbabygpt trains at {train_rate:.0f} tokens/s on this CPU (fp32): the pipeline delivers "
         f"{best / train_rate:.0f}x that"
