@@ -1,13 +1,21 @@
-"""The chunked loss (losses.py): the numbers and gradients of F.cross_entropy on full logits, in
-fp32 and under bf16 autocast."""
+"""The chunked loss (losses.py, model.loss_chunk): the numbers and gradients of F.cross_entropy on
+full logits, in fp32 and under bf16 autocast, in the real GPT, its training and its validation."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
+from streamgpt.bpb import nll_sums, token_nll_sums
+from streamgpt.lit_module import GPTModule
 from streamgpt.losses import chunked_cross_entropy, chunked_token_nll
+from streamgpt.model import GPT, GPTConfig
+from streamgpt.optim import OptimizerConfig, build_optimizer
 
 N, D, V = 200, 32, 300
 CHUNKS = [1, 7, 64, N, 4096]  # 7 and 64 do not divide N; 4096 is one chunk larger than N
@@ -67,3 +75,114 @@ def test_the_chunked_token_nll_is_full_cross_entropy_per_token(autocast):
         expected = F.cross_entropy(F.linear(h, w).float(), t, reduction="none")
         for chunk in CHUNKS:
             torch.testing.assert_close(chunked_token_nll(h, w, t, chunk), expected)
+
+
+def small(loss_chunk: int) -> GPTConfig:
+    return GPTConfig(
+        vocab_size=128, context=24, d_model=32, n_layers=2, n_heads=4, loss_chunk=loss_chunk
+    )
+
+
+def test_with_loss_chunk_the_gpt_gives_the_same_loss_and_gradients_including_the_tied_embedding():
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 128, (4, 24)), torch.randint(0, 128, (4, 24))
+    plain = GPT(small(0))
+    chunked = GPT(small(7))  # 96 positions: 13 chunks and a short one
+    chunked.load_state_dict(plain.state_dict())
+    assert chunked.head.weight is chunked.tok_emb.weight
+    logits, expected = plain(x, y)
+    none, loss = chunked(x, y)
+    assert logits.shape == (4, 24, 128) and none is None
+    expected.backward()
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+    for (name, p), q in zip(chunked.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert torch.equal(chunked(x)[0], plain(x)[0])  # without targets: logits, as always
+
+
+def test_a_few_training_steps_with_and_without_loss_chunk_end_at_the_same_model():
+    torch.manual_seed(1)
+    x, y = torch.randint(0, 128, (8, 24)), torch.randint(0, 128, (8, 24))
+    runs = {}
+    for chunk in (0, 50):
+        torch.manual_seed(2)
+        model = GPT(small(chunk))
+        optimizer = build_optimizer(model, OptimizerConfig(lr=1e-3), "cpu")
+        losses = []
+        for _ in range(5):
+            _, loss = model(x, y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        runs[chunk] = losses, model.state_dict()
+    assert runs[50][0] == pytest.approx(runs[0][0], rel=1e-5)
+    assert runs[50][0][-1] < runs[50][0][0]
+    for name, p in runs[50][1].items():
+        torch.testing.assert_close(p, runs[0][1][name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_per_token_nll_and_its_bpb_sums_are_the_full_logits():
+    torch.manual_seed(3)
+    model = GPT(small(0)).eval()
+    x, y = torch.randint(0, 128, (4, 24)), torch.randint(0, 128, (4, 24))
+    byte_lengths = torch.randint(0, 4, (128,))
+    with torch.no_grad():
+        logits, mean = model(x, y)
+        expected = nll_sums(logits, y, byte_lengths)
+        for chunk in (0, 7, 1000):
+            model.cfg.loss_chunk = chunk
+            _, nll = model(x, y, reduction="none")
+            assert nll.shape == (4, 24)
+            torch.testing.assert_close(nll.mean(), mean)
+            torch.testing.assert_close(token_nll_sums(nll, y, byte_lengths), expected)
+
+
+def validate(loss_chunk: int, batches) -> dict[str, float]:
+    torch.manual_seed(4)
+    model = dataclasses.asdict(small(loss_chunk))
+    lit = GPTModule(model, {"name": "adamw"})
+    lit.set_token_bytes(torch.arange(128) % 3)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.validate(lit, DataLoader(batches, batch_size=None), verbose=False)
+    return {k: v.item() for k, v in trainer.callback_metrics.items()}
+
+
+def test_validation_logs_the_same_loss_and_bpb_with_loss_chunk():
+    torch.manual_seed(5)
+    batches = [(torch.randint(0, 128, (4, 24)), torch.randint(0, 128, (4, 24))) for _ in range(3)]
+    plain, chunked = validate(0, batches), validate(7, batches)
+    assert {"val/loss", "val/bpb"} <= plain.keys()
+    assert chunked == pytest.approx(plain, rel=1e-6)
+
+
+def test_a_checkpoint_from_before_loss_chunk_loads(tmp_path):
+    lit = GPTModule(dataclasses.asdict(small(0)), {"name": "adamw"})
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    trainer.strategy.connect(lit)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    state = torch.load(tmp_path / "m.ckpt", weights_only=False)
+    del state["hyper_parameters"]["model"]["loss_chunk"]
+    torch.save(state, tmp_path / "old.ckpt")
+    loaded = GPTModule.load_from_checkpoint(tmp_path / "old.ckpt")
+    assert loaded.gpt.cfg.loss_chunk == GPTConfig.loss_chunk
+    assert loaded.state_dict().keys() == lit.state_dict().keys()
+
+
+@pytest.mark.slow
+def test_the_chunked_loss_compiles_and_gives_the_eager_gradients():
+    torch.manual_seed(6)
+    model = GPT(small(40))
+    x, y = torch.randint(0, 128, (4, 24)), torch.randint(0, 128, (4, 24))
+    _, loss = torch.compile(model)(x, y)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    _, eager = model(x, y)
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    for g, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)

@@ -46,10 +46,19 @@ def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
 def nll_sums(
     logits: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor
 ) -> torch.Tensor:
-    """[NLL of every target, targets, NLL of the targets that stand for bytes, their bytes]
-    (float64, summed over the batch): what a loss and a bits per byte are made of, and what is
-    summed across batches and ranks before dividing."""
+    """token_nll_sums of logits (B, T, vocab)."""
     nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    return token_nll_sums(nll, targets, byte_lengths)
+
+
+def token_nll_sums(
+    nll: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor
+) -> torch.Tensor:
+    """[NLL of every target, targets, NLL of the targets that stand for bytes, their bytes]
+    (float64, summed over the batch) from each target's NLL (GPT.forward with reduction="none"):
+    what a loss and a bits per byte are made of, and what is summed across batches and ranks
+    before dividing."""
+    nll = nll.flatten().float()
     nbytes = byte_lengths[targets.flatten()]
     return torch.stack(
         [

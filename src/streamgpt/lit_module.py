@@ -20,7 +20,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from streamgpt.bpb import bits_per_byte, nll_sums
+from streamgpt.bpb import bits_per_byte, token_nll_sums
 from streamgpt.hf_init import init_from_gpt2
 from streamgpt.model import GPT, GPTConfig
 from streamgpt.optim import OptimizerConfig, build_optimizer, build_schedule
@@ -93,8 +93,8 @@ class GPTModule(L.LightningModule):
         assert self.model is not None, "the model is built in configure_model (or give vocab_size)"
         return self.model
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        return self._compiled(idx, targets)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction="mean"):
+        return self._compiled(idx, targets, reduction=reduction)
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -123,11 +123,12 @@ class GPTModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
-        logits, loss = self(x, y)
+        _, nll = self(x, y, reduction="none")  # each target's; no logits with model.loss_chunk
+        loss = nll.mean()
         self._val_sum += loss.detach() * x.size(0)
         self._val_count += x.size(0)
         if self.token_bytes is not None:
-            sums = nll_sums(logits.detach(), y, self.token_bytes)
+            sums = token_nll_sums(nll.detach(), y, self.token_bytes)
             self._val_bytes = sums if self._val_bytes is None else self._val_bytes + sums
 
     def on_validation_epoch_end(self) -> None:
