@@ -186,3 +186,19 @@ def test_the_chunked_loss_compiles_and_gives_the_eager_gradients():
     torch.testing.assert_close(loss, eager)
     for g, p in zip(grads, model.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_under_fp16_autocast_the_small_gradients_do_not_flush_to_zero():
+    """softmax / rows is ~3e-8 here, below fp16's smallest number: 16-mixed's loss scale comes
+    only in backward, so the chunked gradient must not pass through fp16 before it."""
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(16384, 16, generator=g, requires_grad=True)
+    w = (torch.randn(2048, 16, generator=g) * 0.3).requires_grad_()
+    t = torch.randint(0, 2048, (16384,), generator=g)
+    exact = loss_and_grads(full, h, w, t)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = chunked_cross_entropy(h, w, t, 4096)
+    (65536.0 * loss).backward()
+    torch.testing.assert_close(loss, exact[0], rtol=1e-3, atol=0)
+    scale = exact[2].abs().max().item()
+    torch.testing.assert_close(w.grad / 65536 * 3, exact[2], rtol=0, atol=0.01 * scale)

@@ -45,6 +45,11 @@ class _Buffers:
         self.fp32 = torch.empty(rows, vocab, dtype=torch.float32, device=device)
         low = dtype != torch.float32
         self.low = torch.empty(rows, vocab, dtype=dtype, device=device) if low else None
+        # The gradient (softmax - one-hot) / rows is made before backward's upstream gradient
+        # (16-mixed's loss scale) multiplies it: in fp16 its small entries would flush to zero,
+        # so under fp16 autocast it stays in fp32 (and so do its two matmuls). bf16 has fp32's
+        # range.
+        self.grad_dtype = torch.float32 if dtype == torch.float16 else dtype
 
     def logits(self, h_c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         rows = h_c.size(0)
@@ -52,8 +57,8 @@ class _Buffers:
             return torch.matmul(h_c, w.t(), out=self.fp32[:rows])
         return self.fp32[:rows].copy_(torch.matmul(h_c, w.t(), out=self.low[:rows]))
 
-    def to_compute_dtype(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.low is None else self.low[: x.size(0)].copy_(x)
+    def to_grad_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.grad_dtype == torch.float32 else self.low[: x.size(0)].copy_(x)
 
 
 def _chunk_loss(
@@ -75,8 +80,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         n = h.size(0)
         with torch.autocast(h.device.type, enabled=False):
             hd, w = h.to(dtype), weight.to(dtype)
-            w_for_grad = _head_for_grad(w) if needs_grad else None
             buffers = _Buffers(min(chunk, n), w.size(0), dtype, h.device)
+            w_g, h_g = (w, hd) if buffers.grad_dtype == dtype else (weight.float(), h.float())
+            w_for_grad = _head_for_grad(w_g) if needs_grad else None
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             grad_h = torch.empty_like(h) if needs_grad else None
             grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
@@ -88,9 +94,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                     continue
                 # d(mean loss)/d(logits) = (softmax - one-hot) / n, in one pass over the chunk
                 g = exps.div_(sums * n).scatter_add_(1, t_c, torch.full_like(sums, -1 / n))
-                g = buffers.to_compute_dtype(g)
+                g = buffers.to_grad_dtype(g)
                 grad_h[start : start + chunk] = g @ w_for_grad
-                grad_w += (g.t() @ h_c).float()
+                grad_w += (g.t() @ h_g[start : start + chunk]).float()
         if needs_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total / n
