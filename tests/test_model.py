@@ -137,6 +137,7 @@ def test_babygpt_matches_eir_tutorial_02_and_its_flops_are_as_written():
         ({"mlp": "relu"}, "model.mlp must be one of"),
         ({"positions": "sinusoidal"}, "model.positions must be one of"),
         ({"dropout": 1.0}, "model.dropout"),
+        ({"loss_chunk": -1}, "model.loss_chunk must be >= 0"),
     ],
 )
 def test_bad_model_configs_are_refused_naming_the_key(bad, message):

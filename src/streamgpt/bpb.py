@@ -46,10 +46,19 @@ def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
 def nll_sums(
     logits: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor
 ) -> torch.Tensor:
-    """[NLL of every target, targets, NLL of the targets that stand for bytes, their bytes]
-    (float64, summed over the batch): what a loss and a bits per byte are made of, and what is
-    summed across batches and ranks before dividing."""
+    """token_nll_sums of logits (B, T, vocab)."""
     nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    return token_nll_sums(nll, targets, byte_lengths)
+
+
+def token_nll_sums(
+    nll: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor
+) -> torch.Tensor:
+    """[NLL of every target, targets, NLL of the targets that stand for bytes, their bytes]
+    (float64, summed over the batch) from each target's NLL (GPT.forward with reduction="none"):
+    what a loss and a bits per byte are made of, and what is summed across batches and ranks
+    before dividing."""
+    nll = nll.flatten().float()
     nbytes = byte_lengths[targets.flatten()]
     return torch.stack(
         [
@@ -62,16 +71,15 @@ def nll_sums(
 
 
 def nll_sums_by_group(
-    logits: torch.Tensor,
+    nll: torch.Tensor,
     targets: torch.Tensor,
     byte_lengths: torch.Tensor | None,
     group: torch.Tensor,
     n_groups: int,
 ) -> torch.Tensor:
-    """nll_sums of each group of sequences (float64, shape (n_groups, 4)): row g sums the
-    sequences whose `group` is g; a sequence of group -1 counts in none. Without byte lengths
-    the last two columns are 0."""
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    """token_nll_sums of each group of sequences (float64, shape (n_groups, 4)) from each
+    target's NLL (B, T): row g sums the sequences whose `group` is g; a sequence of group -1
+    counts in none. Without byte lengths the last two columns are 0."""
     nll = nll.view(targets.shape).double()
     nbytes = torch.zeros_like(nll) if byte_lengths is None else byte_lengths[targets].double()
     per_sequence = torch.stack(

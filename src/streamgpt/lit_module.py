@@ -24,7 +24,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from streamgpt.bpb import bits_per_byte, nll_sums, nll_sums_by_group
+from streamgpt.bpb import bits_per_byte, nll_sums_by_group, token_nll_sums
 from streamgpt.hf_init import init_from_gpt2
 from streamgpt.model import GPT, GPTConfig
 from streamgpt.optim import OptimizerConfig, build_optimizer, build_schedule
@@ -99,8 +99,8 @@ class GPTModule(L.LightningModule):
         assert self.model is not None, "the model is built in configure_model (or give vocab_size)"
         return self.model
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        return self._compiled(idx, targets)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction="mean"):
+        return self._compiled(idx, targets, reduction=reduction)
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -131,19 +131,20 @@ class GPTModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y, *component = batch
-        logits, loss = self(x, y)
+        _, nll = self(x, y, reduction="none")  # each target's; no logits with model.loss_chunk
+        loss = nll.mean()
         self._val_sum += loss.detach() * x.size(0)
         self._val_count += x.size(0)
         if component and self._val_names:
-            self._validate_components(logits.detach(), y, component[0])
+            self._validate_components(nll.detach(), y, component[0])
         if self.token_bytes is not None:
-            sums = nll_sums(logits.detach(), y, self.token_bytes)
+            sums = token_nll_sums(nll.detach(), y, self.token_bytes)
             self._val_bytes = sums if self._val_bytes is None else self._val_bytes + sums
 
     def _validate_components(
-        self, logits: torch.Tensor, y: torch.Tensor, component: torch.Tensor
+        self, nll: torch.Tensor, y: torch.Tensor, component: torch.Tensor
     ) -> None:
-        sums = nll_sums_by_group(logits, y, self.token_bytes, component, len(self._val_names))
+        sums = nll_sums_by_group(nll, y, self.token_bytes, component, len(self._val_names))
         self._val_parts = sums if self._val_parts is None else self._val_parts + sums
 
     def on_validation_epoch_end(self) -> None:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from streamgpt.losses import chunked_cross_entropy, chunked_token_nll
+
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rotary")
@@ -41,6 +43,10 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False
     rope_theta: float = 10000.0
+    # The loss from the final hidden states this many positions at a time (losses.py), so the
+    # whole batch's logits (batch x context x vocab) never exist at once in a training or
+    # validation step; forward then returns no logits with the loss. 0: full logits.
+    loss_chunk: int = 2048
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context", "d_model", "n_layers", "n_heads"):
@@ -61,6 +67,10 @@ class GPTConfig:
                 )
         if self.positions == "rotary" and self.head_dim % 2:
             raise ValueError(f"rotary positions need an even head size, got {self.head_dim}")
+        if self.loss_chunk < 0:
+            raise ValueError(
+                f"model.loss_chunk must be >= 0 (0: full logits), got {self.loss_chunk}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
@@ -269,8 +279,11 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) and, given targets, the mean next-token cross-entropy."""
+        reduction: str = "mean",
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits (B, T, vocab) and, given targets, the mean next-token cross-entropy (or with
+        reduction="none", each target's, (B, T)). With targets and cfg.loss_chunk > 0 the loss is
+        computed a chunk of positions at a time and the logits are None: ask without targets."""
         T = idx.size(1)
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.context:
@@ -288,11 +301,26 @@ class GPT(nn.Module):
             x = block(x, rope, cache, layer)
         if cache is not None:
             cache.length += T
-        logits = self.head(self.norm(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        return logits, loss
+        h = self.norm(x)
+        if targets is None:
+            return self.head(h), None
+        return self.loss(h, targets, reduction)
+
+    def loss(
+        self, h: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(logits or None, loss) of the final hidden states h (B, T, d) against targets (B, T)."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f'reduction must be "mean" or "none", got {reduction!r}')
+        flat_h, flat_targets, chunk = h.flatten(0, 1), targets.flatten(), self.cfg.loss_chunk
+        if chunk and reduction == "mean":
+            return None, chunked_cross_entropy(flat_h, self.head.weight, flat_targets, chunk)
+        if chunk:
+            nll = chunked_token_nll(flat_h, self.head.weight, flat_targets, chunk)
+            return None, nll.view(targets.shape)
+        logits = self.head(h)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), flat_targets, reduction=reduction)
+        return logits, loss.view(targets.shape) if reduction == "none" else loss
 
     # -- sampling ----------------------------------------------------------------------------
 

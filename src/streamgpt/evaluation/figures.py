@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from streamgpt.bpb import bits_per_byte, nll_sums
+from streamgpt.bpb import bits_per_byte, token_nll_sums
 from streamgpt.model import GPT
 
 DEFAULT_EOS = "<|endoftext|>"
@@ -92,8 +92,9 @@ def score(
     sequences = 0
     with precision_context(model, precision):
         for x, y in batches:
-            logits, _ = model(x.to(device))
-            sums += nll_sums(logits, y.to(device), byte_lengths).cpu()
+            y = y.to(device)
+            _, nll = model(x.to(device), y, reduction="none")  # chunked with model.loss_chunk
+            sums += token_nll_sums(nll, y, byte_lengths).cpu()
             sequences += x.size(0)
     loss = (sums[0] / sums[1]).item()
     return {

@@ -1,0 +1,163 @@
+"""Peak memory and speed of a training step with the loss from full logits and chunked
+(model.loss_chunk, losses.py), for experiment=streaming_tutorial's shapes: batch 256 x 64,
+vocabulary 8192, the streaming_tutorial model.
+
+Step: each variant in a fresh process (train.py's allocator setting, streamgpt.malloc), a warm-up
+step then `--steps` timed ones (forward, backward, AdamW); peak RSS (VmHWM) after building the
+model and optimizer and after the steps, and tokens/s. The variants alternate, `--pairs` times,
+and are compared by the median of their ratios within a pair (this machine's speed drifts).
+
+Trainer: with --train-py, also `python train.py experiment=streaming_tutorial` for a few steps
+(with one validation, sample and checkpoint) per variant, its trainer's peak RSS from perf.json.
+
+    python scripts/bench_memory.py [--pairs 3] [--steps 4] [--precision bf16-mixed] [--train-py]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL, VOCAB, BATCH, CHUNK = "streaming_tutorial", 8192, 256, 2048
+
+
+def step_child(loss_chunk: int, steps: int, precision: str) -> dict:
+    """One variant, in this (fresh) process."""
+    import torch
+
+    from streamgpt.malloc import keep_freed_memory
+    from streamgpt.optim import OptimizerConfig, build_optimizer
+    from streamgpt.perf import peak_rss_mb
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_train import load_config
+
+    keep_freed_memory()  # as train.py does
+    from streamgpt.model import GPT
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(load_config(MODEL, VOCAB), loss_chunk=loss_chunk)
+    model = GPT(cfg)
+    optimizer = build_optimizer(model, OptimizerConfig(), "cpu")
+    x = torch.randint(0, cfg.vocab_size, (BATCH, cfg.context))
+    y = torch.randint(0, cfg.vocab_size, (BATCH, cfg.context))
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if precision == "bf16-mixed"
+        else contextlib.nullcontext()
+    )
+
+    def step() -> float:
+        with autocast:
+            _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    built = peak_rss_mb()
+    first_loss = step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    elapsed = time.perf_counter() - started
+    return {
+        "loss_chunk": loss_chunk,
+        "built_rss_mb": built,
+        "peak_rss_mb": peak_rss_mb(),
+        "tokens_per_s": steps * BATCH * cfg.context / elapsed,
+        "first_loss": first_loss,
+    }
+
+
+def run_step_child(loss_chunk: int, steps: int, precision: str) -> dict:
+    args = ["--child", str(loss_chunk), "--steps", str(steps), "--precision", precision]
+    out = subprocess.run(
+        [sys.executable, __file__, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def train_py(run_dir: Path, loss_chunk: int, steps: int = 5) -> float:
+    """Trainer peak RSS (MB) of a short real run of the tutorial."""
+    overrides = [f"trainer.max_steps={steps}", f"model.loss_chunk={loss_chunk}"]
+    overrides += [f"{k}={steps}" for k in ("trainer.val_every", "callbacks.sample_every")]
+    overrides += [f"callbacks.checkpoint_every={steps}", "logger=none"]
+    command = [sys.executable, "train.py", "experiment=streaming_tutorial"]
+    done = subprocess.run(
+        [*command, f"hydra.run.dir={run_dir}", *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WANDB_API_KEY": "", "PYTHONPATH": str(REPO / "src")},
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"train.py failed:\n{done.stderr[-3000:]}")
+    return json.loads((run_dir / "perf.json").read_text())["peak_rss_mb"]["trainer"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per process")
+    parser.add_argument("--chunk", type=int, default=CHUNK, help="model.loss_chunk to compare")
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    parser.add_argument("--train-py", action="store_true")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(step_child(args.child, args.steps, args.precision)))
+        return
+
+    variants = (0, args.chunk)
+    rows = []
+    print(f"{MODEL}, batch {BATCH} x 64, vocabulary {VOCAB}, {args.precision}, CPU\n")
+    print("| pair | loss_chunk | peak RSS MB | after build MB | tokens/s | first loss |")
+    print("|---|---|---|---|---|---|")
+    for pair in range(args.pairs):
+        row = {}
+        for chunk in variants if pair % 2 == 0 else variants[::-1]:
+            r = row[chunk] = run_step_child(chunk, args.steps, args.precision)
+            print(
+                f"| {pair} | {chunk} | {r['peak_rss_mb']:.0f} | {r['built_rss_mb']:.0f} | "
+                f"{r['tokens_per_s']:.0f} | {r['first_loss']:.4f} |",
+                flush=True,
+            )
+        rows.append(row)
+    speed = statistics.median(r[args.chunk]["tokens_per_s"] / r[0]["tokens_per_s"] for r in rows)
+    peak = {c: statistics.median(r[c]["peak_rss_mb"] for r in rows) for c in variants}
+    print(
+        f"\nmedian peak RSS: full logits {peak[0]:.0f} MB, loss_chunk={args.chunk} "
+        f"{peak[args.chunk]:.0f} MB; tokens/s chunked / full: {speed:.3f} (median of "
+        f"{args.pairs} pairs)"
+    )
+    results = {"steps": rows, "speed_ratio": speed, "peak_rss_mb": peak}
+    if args.train_py:
+        with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+            trainer = {c: train_py(Path(tmp) / f"chunk{c}", c) for c in variants}
+        print(
+            f"train.py experiment=streaming_tutorial, 5 steps: trainer peak RSS {trainer[0]:.0f} "
+            f"MB with full logits, {trainer[args.chunk]:.0f} MB with loss_chunk={args.chunk}"
+        )
+        results["train_py_peak_rss_mb"] = trainer
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
