@@ -18,7 +18,7 @@ from streamgpt.server.config import ServeConfig, validate
 from streamgpt.server.corpus import Chunking
 from streamgpt.server.sources import build_corpus
 
-from .helpers.corpora import write_corpus
+from .helpers.corpora import plays_and_notes, write_corpus
 from .helpers.servers import ids
 
 SWITCH = 3000
@@ -29,22 +29,8 @@ def mix_source(tmp: Path, staged: bool = True, **more) -> dict:
     if not plays.exists():
         write_corpus(plays, 40, seed=1)
         write_corpus(notes, 25, seed=2)
-    source = {
-        "name": "mix",
-        "components": {
-            "plays": {
-                "source": {"name": "files", "paths": [str(plays)], "validation_docs": 2},
-                "weight": 0.8,
-            },
-            "notes": {
-                "source": {"name": "files", "paths": [str(notes)], "validation_docs": 3},
-                "weight": 0.2,
-            },
-        },
-        "stages": [{"from_sample": SWITCH, "weights": {"plays": 0.5, "notes": 0.5}}]
-        if staged
-        else [],
-    }
+    stages = [{"from_sample": SWITCH, "weights": {"plays": 0.5, "notes": 0.5}}] if staged else []
+    source = plays_and_notes(plays, notes, validation=(2, 3), stages=stages)
     return OmegaConf.merge(source, more)
 
 

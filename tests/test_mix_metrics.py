@@ -37,7 +37,7 @@ from streamgpt.server.corpus import Chunking
 from streamgpt.server.process import ServerProcess
 from streamgpt.server.sources import build_corpus
 
-from .helpers.corpora import text
+from .helpers.corpora import plays_and_notes, text
 from .helpers.runs import batches, train
 from .helpers.servers import Client, RunningServer, stream_cfg
 
@@ -125,20 +125,7 @@ def mixture(tmp_path: Path):
     12 words, 1 held out: fewer validation tokens than one window of 33."""
     plays = write_corpus(tmp_path / "plays", 24, words=150, seed=1)
     notes = write_corpus(tmp_path / "notes", 40, words=12, seed=2)
-    source = {
-        "name": "mix",
-        "components": {
-            "plays": {
-                "source": {"name": "files", "paths": [str(plays)], "validation_docs": 2},
-                "weight": 0.8,
-            },
-            "notes": {
-                "source": {"name": "files", "paths": [str(notes)], "validation_docs": 1},
-                "weight": 0.2,
-            },
-        },
-        "stages": [],
-    }
+    source = plays_and_notes(plays, notes, validation=(2, 1))
     cfg = OmegaConf.merge(OmegaConf.structured(ServeConfig), {"source": source})
     cfg.chunk.words = 16
     validate(cfg)

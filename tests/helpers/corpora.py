@@ -96,3 +96,20 @@ def small_corpus(folder: Path, documents: int = 24) -> dict[str, int]:
         (folder / f"doc{d:02d}.txt").write_text(body)
         words[f"doc{d:02d}.txt"] = n
     return words
+
+
+def plays_and_notes(plays: Path, notes: Path, validation: tuple[int, int], stages=()) -> dict:
+    """A `mix` source of two `files` corpora, plays (weight 0.8) and notes (0.2), holding out
+    `validation` documents of each."""
+    weights = {"plays": 0.8, "notes": 0.2}
+    return {
+        "name": "mix",
+        "components": {
+            name: {
+                "source": {"name": "files", "paths": [str(path)], "validation_docs": held_out},
+                "weight": weights[name],
+            }
+            for name, path, held_out in zip(weights, (plays, notes), validation, strict=True)
+        },
+        "stages": list(stages),
+    }
