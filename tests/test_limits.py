@@ -19,7 +19,11 @@ from .helpers.servers import Client, ids
 
 def test_status_reports_the_limits(serve, client, shakespeare):
     limits = LimitsConfig(
-        max_frame_bytes=1000, max_batch_size=7, max_connections=9, idle_timeout_s=99
+        max_frame_bytes=1000,
+        max_batch_size=7,
+        max_connections=9,
+        idle_timeout_s=99,
+        max_tokenizer_bytes=5000,
     )
     server = serve(shakespeare, limits=limits)
     status = client(server.url).ask({"type": "status", "payload": {}})["payload"]
@@ -29,6 +33,7 @@ def test_status_reports_the_limits(serve, client, shakespeare):
         "max_connections": 9,
         "idle_timeout_s": 99,
         "max_validation_ids": 1_000_000,
+        "max_tokenizer_bytes": 5000,
     }
     assert status["corpus"]["documents"] == 42 and status["active_connections"] == 1
 
