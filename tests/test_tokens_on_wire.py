@@ -25,6 +25,7 @@ from streamgpt.server.streams import ConsumerSpec, open_stream
 from streamgpt.server.tokens import TokenMode
 
 from .helpers.servers import ids
+from .helpers.tokens import small_bpe
 from .test_protocol_doc import TEXT, transcripts
 
 EOS = "<|endoftext|>"
@@ -43,14 +44,7 @@ def documented_tokenizer() -> str:
 
 @pytest.fixture(scope="module")
 def tokenizer_json(shakespeare) -> str:
-    """A small BPE trained on the corpus, as a run's tokenizer.json text."""
-    from streamgpt.data.tokenizer import train_bpe
-
-    payloads, _ = open_stream(shakespeare, ConsumerSpec(seed=0, index=0, count=1)).payloads(
-        60, frozenset()
-    )
-    texts = [orjson.loads(p)["inputs"]["text_output"] for p in payloads]
-    return train_bpe(texts, 512, 2, EOS, "<|pad|>").to_str()
+    return small_bpe(shakespeare)
 
 
 def sha(text: str) -> str:
