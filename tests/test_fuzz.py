@@ -8,18 +8,27 @@ from __future__ import annotations
 
 import collections
 import json
+import random
+import struct
 
+import numpy as np
 import orjson
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer
 from websockets.exceptions import ConnectionClosed
 
+from streamgpt.data.token_frame import FrameError, TokenFrame, read_frame
 from streamgpt.server.config import LimitsConfig
+from streamgpt.server.corpus import SampleEncoder
 from streamgpt.server.protocol import REQUEST_TYPES
 from streamgpt.server.streams import ConsumerSpec, open_stream
+from streamgpt.server.tokens import TokenMode
+from streamgpt.wire import TOKEN_DTYPES
 
 from .helpers.servers import Client, ids
+from .helpers.tokens import EOS, small_bpe
 
 BYSTANDER = {"rank": 0, "world_size": 2, "seed": 9}
 
@@ -204,3 +213,132 @@ def test_an_oversized_frame_and_a_binary_frame_of_junk(fuzz_server, client):
     with pytest.raises(ConnectionClosed) as closed:
         c.recv()
     assert closed.value.rcvd.code == 1009
+
+
+# -- the client's token frame reader -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def good_frames(shakespeare) -> list[bytes]:
+    """Token frames as the server builds them: a real tokenizer, real samples, both dtypes, and a
+    sample of no tokens among them."""
+    tokenizer = Tokenizer.from_str(small_bpe(shakespeare))
+    stream = open_stream(shakespeare, ConsumerSpec(seed=3, index=0, count=1))
+    samples = [c.payload for c in stream.take(3)]
+    samples.insert(1, SampleEncoder().encode("empty#0", ""))
+    return [
+        TokenMode(tokenizer, None, EOS, dtype).frame(samples, stream.cursor())
+        for dtype in ("uint16", "uint32")
+    ]
+
+
+def _header_of(frame: bytes) -> tuple[dict, bytes]:
+    (size,) = struct.unpack_from("<I", frame, 4)
+    return json.loads(frame[8 : 8 + size]), frame[8 + size :]
+
+
+def _with_header(header: object, body: bytes, pad: bool) -> bytes:
+    head = json.dumps(header, separators=(",", ":")).encode()  # json: it writes ints beyond 64 bits
+    if pad:
+        head += b" " * (-(8 + len(head)) % 4)
+    return b"SGT1" + struct.pack("<I", len(head)) + head + body
+
+
+ODD_VALUES = [None, True, -1, 0, 1.5, 2**63, 2**64, "3", "", "uint16", [], [1], {}, {"a": 1}]
+
+
+def _mutate_header(rng: random.Random, header: dict) -> object:
+    header = dict(header)
+    key = rng.choice(["ids", "lengths", "dtype", "cursor", "whole"])
+    if key == "whole":
+        return rng.choice(ODD_VALUES)
+    value = header.get(key)
+    if isinstance(value, list) and value and rng.random() < 0.6:
+        value = list(value)
+        i = rng.randrange(len(value))
+        action = rng.choice(["drop", "add", "nudge", "odd"])
+        if action == "drop":
+            del value[i]
+        elif action == "add":
+            value.insert(i, value[i])
+        elif action == "nudge" and type(value[i]) is int:
+            value[i] += rng.choice([-1, 1])
+        else:
+            value[i] = rng.choice(ODD_VALUES)
+        header[key] = value
+    elif rng.random() < 0.2:
+        header.pop(key, None)
+    else:
+        header[key] = rng.choice([*ODD_VALUES, "uint32", "int8", "UINT16"])
+    return header
+
+
+def mutations(frame: bytes, rng: random.Random, n: int):
+    """`n` seeded mutations of a good frame, at every layer of it."""
+    header, body = _header_of(frame)
+    fixed_end = len(frame) - len(body)
+    for _ in range(n):
+        kind = rng.choice(["truncate", "trail", "bytes", "size", "header", "header+body"])
+        if kind == "truncate":
+            yield frame[: rng.randrange(len(frame))]
+        elif kind == "trail":
+            yield frame + rng.randbytes(rng.randint(1, 8))
+        elif kind == "bytes":
+            mutated = bytearray(frame)
+            for _ in range(rng.randint(1, 3)):
+                region = rng.choice([(0, 4), (4, 8), (8, fixed_end), (fixed_end, len(frame))])
+                mutated[rng.randrange(*region)] = rng.randrange(256)
+            yield bytes(mutated)
+        elif kind == "size":
+            size = fixed_end - 8 + rng.choice([-5, -1, 1, 2, 4, 1 << 31, (1 << 32) - 1 - fixed_end])
+            yield frame[:4] + struct.pack("<I", max(size, 0)) + frame[8:]
+        else:
+            new_body = body
+            if kind == "header+body":
+                new_body = rng.choice([body[: -rng.randint(1, 4)], body + rng.randbytes(2), b""])
+            yield _with_header(_mutate_header(rng, header), new_body, pad=rng.random() < 0.5)
+
+
+def assert_consistent(frame: bytes, parsed: TokenFrame) -> None:
+    """A frame read_frame accepted holds exactly what its header says."""
+    header, body = _header_of(frame)
+    dtype = np.dtype(TOKEN_DTYPES[header["dtype"]])
+    assert parsed.ids == header["ids"] and all(isinstance(i, str) for i in parsed.ids)
+    assert len(parsed.tokens) == len(parsed.ids) >= 1, "one token array per sample"
+    assert [len(t) for t in parsed.tokens] == header["lengths"]
+    assert all(t.dtype == dtype for t in parsed.tokens)
+    assert b"".join(t.tobytes() for t in parsed.tokens) == body, "every byte after the header"
+    assert isinstance(parsed.cursor, dict) and parsed.cursor == header["cursor"]
+
+
+def read_or_refusal(frame: bytes) -> TokenFrame | str:
+    """The frame read, or the reader's message refusing it."""
+    try:
+        return read_frame(frame)
+    except FrameError as e:
+        return str(e)
+
+
+def test_fuzzed_token_frames_are_read_consistently_or_refused_saying_why(good_frames):
+    outcomes: collections.Counter[str] = collections.Counter()
+    for frame in good_frames:
+        assert_consistent(frame, read_frame(frame))
+        for end in range(len(frame)):  # every truncation: each is refused
+            with pytest.raises(FrameError):
+                read_frame(frame[:end])
+        header, _ = _header_of(frame)
+        empty = _with_header({**header, "ids": [], "lengths": []}, b"", pad=True)
+        assert (
+            read_or_refusal(empty) == "header.ids is not a list of sample id strings (at least one)"
+        )
+    rng = random.Random(20240611)
+    for frame in good_frames:
+        for mutated in mutations(frame, rng, 4000):
+            parsed = read_or_refusal(mutated)  # any other exception fails the test
+            if isinstance(parsed, str):
+                assert parsed, mutated[:120]
+                outcomes[parsed.split(" ", 1)[0]] += 1
+            else:
+                assert_consistent(mutated, parsed)
+                outcomes["read"] += 1
+    assert outcomes["read"] >= 150 and sum(outcomes.values()) - outcomes["read"] >= 3000, outcomes
