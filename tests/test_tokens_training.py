@@ -205,6 +205,7 @@ def test_tokens_in_worker_processes_and_canonical_streams_train_the_batches_of_t
             "its putTokenizer request is {request} bytes, over its limits.max_frame_bytes=1000",
         ),
     ],
+    ids=["max_tokenizer_bytes", "max_frame_bytes"],
 )
 def test_a_tokenizer_over_the_servers_limit_stops_the_run_at_once_in_one_line(
     serve, shakespeare, tmp_path, limit, why
