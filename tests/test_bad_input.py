@@ -1,5 +1,7 @@
 """Bad input gets the documented answer, and the server keeps serving everyone else meanwhile."""
 
+import hashlib
+
 import orjson
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -24,13 +26,24 @@ def server(serve, shakespeare):
 
 def _limits():
 
-    return LimitsConfig(max_frame_bytes=64 << 10, max_batch_size=500)
+    return LimitsConfig(max_frame_bytes=64 << 10, max_batch_size=500, max_tokenizer_bytes=1000)
 
 
 def error_text(reply: dict) -> str:
     assert reply["type"] == "error", reply
     return reply["payload"]["message"]
 
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _upload(sha256: str, tokenizer_json: object) -> str:
+    payload = {"sha256": sha256, "tokenizer_json": tokenizer_json}
+    return orjson.dumps({"type": "putTokenizer", "payload": payload}).decode()
+
+
+_BIG = '{"pad": "' + "x" * 1989 + '"}'  # 2000 bytes, over limits.max_tokenizer_bytes
 
 # (frame sent after a good handshake, text the error must contain)
 BAD_REQUESTS = [
@@ -59,6 +72,16 @@ BAD_REQUESTS = [
     ("[" * 5000 + "]" * 5000, "malformed JSON"),
     (b"\xff\xfe not utf-8", "malformed JSON"),
     ('{"type": "' + "x" * 20000 + '"}', "unknown message type"),
+    # Tokens on the wire (PROTOCOL.md 3.11): token frames go to clients only; bad uploads.
+    (b"SGT1\x08\x00\x00\x00{}      ", "malformed JSON"),
+    (b"SGT1\x05", "malformed JSON"),
+    ('{"type": "putTokenizer"}', "putTokenizer needs payload.sha256"),
+    ('{"type": "putTokenizer", "payload": "x"}', "putTokenizer: 'payload' must be a JSON object"),
+    (_upload("ABC", "{}"), "putTokenizer needs payload.sha256"),
+    (_upload(_sha("{}"), 7), "putTokenizer needs payload.sha256"),
+    (_upload("0" * 64, "{}"), f"has sha256 {_sha('{}')}, not {'0' * 64}; send the sha256 of"),
+    (_upload(_sha("{}"), "{}"), "is not a tokenizer the `tokenizers` library can load"),
+    (_upload(_sha(_BIG), _BIG), "is 2000 bytes, over this server's limit of 1000 (limits.max_"),
 ]
 
 
@@ -119,6 +142,18 @@ def test_an_oversized_frame_closes_that_connection_only(server, client, shakespe
         (
             {"type": "handshake", "version": "1.0", "consumer": {"cursor": "abc"}},
             "cursor must be a JSON object this server sent",
+        ),
+        (
+            {"type": "handshake", "version": "1.0", "consumer": {"tokens": "abc"}},
+            "consumer.tokens must be a JSON object",
+        ),
+        (
+            {
+                "type": "handshake",
+                "version": "1.0",
+                "consumer": {"tokens": {"tokenizer": "0" * 64, "eos_token": "<|endoftext|>"}},
+            },
+            f"does not hold tokenizer {'0' * 64}; upload it with putTokenizer",
         ),
     ],
 )

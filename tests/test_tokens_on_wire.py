@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 
-from streamgpt.data.client import Connection
+from streamgpt.data.client import Connection, ServerRefused, put_tokenizer_request
 from streamgpt.data.packing import Encoder
 from streamgpt.data.token_frame import read_frame
 from streamgpt.data.tokens_on_wire import WireTokens
@@ -25,6 +25,7 @@ from streamgpt.server.streams import ConsumerSpec, open_stream
 from streamgpt.server.tokens import TokenMode
 
 from .helpers.servers import ids
+from .helpers.tokens import small_bpe
 from .test_protocol_doc import TEXT, transcripts
 
 EOS = "<|endoftext|>"
@@ -43,14 +44,7 @@ def documented_tokenizer() -> str:
 
 @pytest.fixture(scope="module")
 def tokenizer_json(shakespeare) -> str:
-    """A small BPE trained on the corpus, as a run's tokenizer.json text."""
-    from streamgpt.data.tokenizer import train_bpe
-
-    payloads, _ = open_stream(shakespeare, ConsumerSpec(seed=0, index=0, count=1)).payloads(
-        60, frozenset()
-    )
-    texts = [orjson.loads(p)["inputs"]["text_output"] for p in payloads]
-    return train_bpe(texts, 512, 2, EOS, "<|pad|>").to_str()
+    return small_bpe(shakespeare)
 
 
 def sha(text: str) -> str:
@@ -251,6 +245,68 @@ def test_a_token_frame_sent_by_a_client_is_malformed_json(server, client, tokeni
     assert "malformed JSON" in error_of(c.ask(bytes(frame)))["message"]
     assert c.ask({"type": "heartbeat"}) == {"type": "heartbeat"}
     assert len(ids(bystander.data(2))) == 2
+
+
+# -- a tokenizer the server will not take ----------------------------------------------------------
+
+
+def request_bytes(text: str) -> int:
+    return len(orjson.dumps(put_tokenizer_request(sha(text), text)))
+
+
+@pytest.mark.parametrize("over", ["max_tokenizer_bytes", "max_frame_bytes"])
+def test_a_tokenizer_over_the_servers_limits_is_refused_naming_them_before_it_is_sent(
+    serve, client, shakespeare, tokenizer_json, over
+):
+    size = len(tokenizer_json.encode())
+    # The frame limit lets the file itself through, not the request: JSON escapes every quote.
+    limit = 1000 if over == "max_tokenizer_bytes" else size + 10
+    server = serve(shakespeare, limits=LimitsConfig(**{over: limit}))
+    with pytest.raises(ServerRefused) as refused:
+        WireTokens(tokenizer_json, EOS).open(Connection(server.url), CONSUMER)
+    message = str(refused.value)
+    assert message.startswith(
+        f"tokens on the wire: the stream server at {server.url} cannot take our tokenizer, "
+        f"{size} bytes of tokenizer.json as uploaded (compact JSON): "
+    )
+    if over == "max_tokenizer_bytes":
+        assert (
+            ": over its limits.max_tokenizer_bytes=1000. Start the server with a larger " in message
+        )
+    else:
+        assert f"its putTokenizer request is {request_bytes(tokenizer_json)} bytes, over its " in (
+            message
+        )
+        assert f"limits.max_frame_bytes={limit}. Start the server with a larger " in message
+    assert message.endswith(
+        f"limits.{over} (server.limits.* for the embedded one), train a smaller tokenizer "
+        "(tokenizer.vocab_size), or set data.stream.tokens_on_wire=false to read text"
+    )
+    hello = tokens_hello(tokenizer_json)  # nothing was uploaded
+    assert error_of(client(server.url, handshake=False).ask(hello))["unknown_tokenizer"]
+
+
+def test_an_upload_closed_with_1009_or_refused_is_final_with_the_servers_words(
+    serve, shakespeare, tokenizer_json
+):
+    """Without the check of the limits (a server that does not report them): a close 1009 or an
+    error reply to putTokenizer is a refusal, not a lost connection to reconnect after."""
+    limit = len(tokenizer_json.encode()) + 10
+    server = serve(shakespeare, limits=LimitsConfig(max_frame_bytes=limit))
+    conn = Connection(server.url).open()
+    with pytest.raises(ServerRefused) as closed:
+        conn.put_tokenizer(sha(tokenizer_json), tokenizer_json)
+    assert f"the stream server at {server.url} closed the connection (1009, message too big) " in (
+        str(closed.value)
+    )
+    assert f"exceeds limit of {limit} bytes (limits.max_frame_bytes)" in str(closed.value)
+    conn = Connection(server.url).open()
+    with pytest.raises(ServerRefused) as refused:
+        conn.put_tokenizer("0" * 64, "{}")
+    assert f"{server.url} did not accept our tokenizer: putTokenizer: the tokenizer_json sent " in (
+        str(refused.value)
+    )
+    conn.close()
 
 
 # -- bad frames from a server ---------------------------------------------------------------------

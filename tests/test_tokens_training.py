@@ -4,20 +4,26 @@ tokenizer uploaded again)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 from pathlib import Path
 
 import lightning as L
+import orjson
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from tokenizers import Tokenizer
 
 from streamgpt.data import StreamDataModule, TokenizerConfig
+from streamgpt.data.client import put_tokenizer_request
 from streamgpt.data.config import ElasticConfig
 from streamgpt.server import StreamServer
+from streamgpt.server.config import LimitsConfig
 
 from .helpers.core_server import CoreOnlyServer
+from .helpers.runs import train
 from .helpers.servers import RunningServer, stream_cfg
 from .helpers.tiny_lm import TinyLM
 
@@ -188,3 +194,44 @@ def test_tokens_in_worker_processes_and_canonical_streams_train_the_batches_of_t
     assert len(readers) >= 4, "the four canonical streams read tokens"
     assert len(got.trained_x) == STEPS
     assert_same_batches(got, text)
+
+
+@pytest.mark.parametrize(
+    ("limit", "why"),
+    [
+        ("max_tokenizer_bytes", "over its limits.max_tokenizer_bytes=1000"),
+        (
+            "max_frame_bytes",
+            "its putTokenizer request is {request} bytes, over its limits.max_frame_bytes=1000",
+        ),
+    ],
+    ids=["max_tokenizer_bytes", "max_frame_bytes"],
+)
+def test_a_tokenizer_over_the_servers_limit_stops_the_run_at_once_in_one_line(
+    serve, shakespeare, tmp_path, limit, why
+):
+    """Not retried (the server would refuse the same upload again): with a retry budget of ten
+    minutes, the run stops long before, saying why. Without the check, an upload over the frame
+    limit is closed with 1009, also final."""
+    server = serve(shakespeare, limits=LimitsConfig(**{limit: 1000}))
+    run = tmp_path / "run"
+    done = train(
+        run,
+        f"data.stream.url={server.url}",
+        "data.stream.tokens_on_wire=true",
+        "data.stream.retry.budget_s=600",
+        "trainer.max_steps=2",
+        timeout=300,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output[-3000:]
+    text = Tokenizer.from_file(str(run / "tokenizer.json")).to_str()
+    request = len(
+        orjson.dumps(put_tokenizer_request(hashlib.sha256(text.encode()).hexdigest(), text))
+    )
+    assert (
+        f"error: tokens on the wire: the stream server at {server.url} cannot take our tokenizer, "
+        f"{len(text.encode())} bytes of tokenizer.json as uploaded (compact JSON): "
+        f"{why.format(request=request)}. Start the server with a larger limits.{limit} "
+    ) in output
+    assert "Traceback" not in output and "retrying" not in output

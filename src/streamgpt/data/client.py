@@ -184,8 +184,17 @@ class Connection:
             raise ServerRefused(f"{self.url} did not accept validation ids: {_error_text(reply)}")
 
     def put_tokenizer(self, sha256: str, tokenizer_json: str) -> None:
-        payload = {"sha256": sha256, "tokenizer_json": tokenizer_json}
-        reply = self._ask({"type": "putTokenizer", "payload": payload})
+        """Upload a tokenizer.json (tokens on the wire). A refusal raises ServerRefused: an
+        `error` reply, or a close 1009 for a request over the server's limits.max_frame_bytes."""
+        try:
+            reply = self._ask(put_tokenizer_request(sha256, tokenizer_json))
+        except OSError:
+            if self.ws is None or self.ws.close_code != 1009:
+                raise  # the connection failed: the consumer reconnects and uploads again
+            raise ServerRefused(
+                f"the stream server at {self.url} closed the connection (1009, message too big) "
+                f"on our putTokenizer: {self.ws.close_reason} (limits.max_frame_bytes)"
+            ) from None
         if reply.get("type") != "tokenizerConfirmation":
             raise ServerRefused(f"{self.url} did not accept our tokenizer: {_error_text(reply)}")
 
@@ -195,6 +204,10 @@ class Connection:
             with contextlib.suppress(Exception):
                 self.ws.close()
             self.ws = None
+
+
+def put_tokenizer_request(sha256: str, tokenizer_json: str) -> dict[str, Any]:
+    return {"type": "putTokenizer", "payload": {"sha256": sha256, "tokenizer_json": tokenizer_json}}
 
 
 def _error_text(message: dict[str, Any]) -> str:

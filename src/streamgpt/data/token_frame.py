@@ -27,6 +27,7 @@ class TokenFrame:
 
 
 def read_frame(frame: bytes) -> TokenFrame:
+    """The frame's samples and cursor; FrameError, saying what is wrong, for anything else."""
     if len(frame) < _FIXED:
         raise FrameError(f"truncated: {len(frame)} bytes, short of its {_FIXED}-byte fixed part")
     if frame[:4] != TOKEN_FRAME_MAGIC:
@@ -41,13 +42,27 @@ def read_frame(frame: bytes) -> TokenFrame:
         header = orjson.loads(frame[_FIXED : _FIXED + size])
     except orjson.JSONDecodeError as e:
         raise FrameError(f"its header is not JSON ({e})") from None
+    ids, lengths, dtype = _fields(header)
+    itemsize = np.dtype(TOKEN_DTYPES[dtype]).itemsize
+    total, body = sum(lengths), len(frame) - _FIXED - size
+    if total * itemsize != body:
+        raise FrameError(
+            f"wrong lengths: header.lengths add up to {total} {dtype} tokens ({total * itemsize} "
+            f"bytes), but {body} bytes of tokens follow the header"
+        )
+    tokens = np.frombuffer(frame, TOKEN_DTYPES[dtype], total, _FIXED + size)
+    return TokenFrame(ids, np.split(tokens, np.cumsum(lengths)[:-1]), header["cursor"])
+
+
+def _fields(header: Any) -> tuple[list[str], list[int], str]:
+    """The header's sample ids, lengths and dtype, checked against each other."""
     if not isinstance(header, dict):
         raise FrameError("its header is not a JSON object")
     ids, lengths, dtype = header.get("ids"), header.get("lengths"), header.get("dtype")
-    if dtype not in TOKEN_DTYPES:
-        raise FrameError(f"dtype {dtype!r} is not one of {sorted(TOKEN_DTYPES)}")
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise FrameError("header.ids is not a list of sample id strings")
+    if not isinstance(dtype, str) or dtype not in TOKEN_DTYPES:
+        raise FrameError(f"dtype {str(dtype)[:40]!r} is not one of {sorted(TOKEN_DTYPES)}")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        raise FrameError("header.ids is not a list of sample id strings (at least one)")
     if (
         not isinstance(lengths, list)
         or len(lengths) != len(ids)
@@ -57,12 +72,7 @@ def read_frame(frame: bytes) -> TokenFrame:
             f"wrong lengths: header.lengths must hold one count >= 0 per sample id ({len(ids)}), "
             f"got {str(lengths)[:80]}"
         )
-    itemsize = np.dtype(TOKEN_DTYPES[dtype]).itemsize
-    total, body = sum(lengths), len(frame) - _FIXED - size
-    if total * itemsize != body:
-        raise FrameError(
-            f"wrong lengths: header.lengths add up to {total} {dtype} tokens ({total * itemsize} "
-            f"bytes), but {body} bytes of tokens follow the header"
-        )
-    tokens = np.frombuffer(frame, TOKEN_DTYPES[dtype], total, _FIXED + size)
-    return TokenFrame(ids, np.split(tokens, np.cumsum(lengths)[:-1]), header.get("cursor"))
+    # A reconnect resumes from the cursor: one that is not the server's would repeat or skip.
+    if not isinstance(header.get("cursor"), dict):
+        raise FrameError(f"header.cursor is not a JSON object: {str(header.get('cursor'))[:80]}")
+    return ids, lengths, dtype

@@ -5,6 +5,10 @@ A server that does not hold the tokenizer yet (it just started, or restarted) re
 handshake with `unknown_tokenizer`; the consumer then uploads it (`putTokenizer`) on a connection
 of its own and handshakes again. A server without the extension ignores the request and sends text,
 which the consumer tokenizes itself, as without the option (warned once per process).
+
+An upload the server would refuse (over its limits.max_tokenizer_bytes, or a request over its
+limits.max_frame_bytes, both in `status`) is not sent: the same upload would fail after every
+reconnect, so the consumer stops at once, saying which limit and what to change.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import hashlib
 import logging
 from typing import Any
 
-from streamgpt.data.client import Connection, UnknownTokenizer
+import orjson
+
+from streamgpt.data.client import Connection, ServerRefused, UnknownTokenizer, put_tokenizer_request
 
 log = logging.getLogger("streamgpt.data")
 
@@ -36,8 +42,7 @@ class WireTokens:
         except UnknownTokenizer:
             conn.open()  # a fresh connection: a failed handshake closed the last one
             try:
-                conn.put_tokenizer(self.sha256, self.tokenizer_json)
-                log.info("uploaded tokenizer %s to %s", self.sha256[:12], conn.url)
+                self._upload(conn)
             finally:
                 conn.close()
             conn.open(hello)
@@ -49,3 +54,40 @@ class WireTokens:
                 conn.url,
             )
         return conn
+
+    def _upload(self, conn: Connection) -> None:
+        """Our tokenizer uploaded on `conn`; a refusal is final: the same upload fails again."""
+        self.check_limits(conn.url, conn.status().get("limits"))
+        try:
+            conn.put_tokenizer(self.sha256, self.tokenizer_json)
+        except ServerRefused as e:
+            raise ServerRefused(
+                f"tokens on the wire: {e}. Set data.stream.tokens_on_wire=false to read text "
+                "instead"
+            ) from None
+        log.info("uploaded tokenizer %s to %s", self.sha256[:12], conn.url)
+
+    def check_limits(self, url: str, limits: Any) -> None:
+        """Raise ServerRefused if the server's `status` limits would refuse our upload."""
+        if not isinstance(limits, dict):
+            return  # a server that does not say: the upload itself will tell
+        size = len(self.tokenizer_json.encode())
+        request = len(orjson.dumps(put_tokenizer_request(self.sha256, self.tokenizer_json)))
+        over = {
+            key: text
+            for key, n, text in (
+                ("max_tokenizer_bytes", size, "over"),
+                ("max_frame_bytes", request, f"its putTokenizer request is {request} bytes, over"),
+            )
+            if isinstance(limits.get(key), int) and n > limits[key]
+        }
+        if over:
+            why = "; ".join(f"{text} its limits.{key}={limits[key]}" for key, text in over.items())
+            keys = " and ".join(f"limits.{key}" for key in over)
+            raise ServerRefused(
+                f"tokens on the wire: the stream server at {url} cannot take our tokenizer, "
+                f"{size} bytes of tokenizer.json as uploaded (compact JSON): {why}. Start the "
+                f"server with a larger {keys} (server.limits.* for the embedded one), train a "
+                "smaller tokenizer (tokenizer.vocab_size), or set data.stream.tokens_on_wire=false "
+                "to read text"
+            )
