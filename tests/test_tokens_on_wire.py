@@ -16,6 +16,7 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 
 from streamgpt.data.client import Connection, ServerRefused, put_tokenizer_request
+from streamgpt.data.consumer import ConsumerFeed
 from streamgpt.data.packing import Encoder
 from streamgpt.data.token_frame import read_frame
 from streamgpt.data.tokens_on_wire import WireTokens
@@ -24,7 +25,7 @@ from streamgpt.server.corpus import SampleEncoder
 from streamgpt.server.streams import ConsumerSpec, open_stream
 from streamgpt.server.tokens import TokenMode
 
-from .helpers.servers import ids
+from .helpers.servers import ids, stream_cfg
 from .helpers.tokens import small_bpe
 from .test_protocol_doc import TEXT, transcripts
 
@@ -385,3 +386,23 @@ def test_the_client_refuses_a_malformed_token_frame_saying_what_is_wrong(tokeniz
         conn.close()
     finally:
         fake.stop()
+
+
+def test_a_token_id_past_our_vocabulary_stops_the_consumer_naming_it(tokenizer_json):
+    """Ids that fit the frame's dtype but not our tokenizer (the server used another one) would
+    reach the embedding: the consumer refuses them, finally, rather than train on them."""
+    vocab = Tokenizer.from_str(tokenizer_json).get_vocab_size(with_added_tokens=True)
+    body = struct.pack("<3H", 1, 2, vocab)  # the last id is one past the vocabulary
+    fake = FakeServer([frame_of({**GOOD, "lengths": [1, 2]}, body)])
+    try:
+        cfg = stream_cfg(fake.url, batch_size=1, max_length=2, samples_per_request=2)
+        feed = ConsumerFeed(
+            fake.url, CONSUMER, cfg, lambda texts: [], None, wire=WireTokens(tokenizer_json, EOS)
+        )
+        with pytest.raises(ServerRefused) as refused:
+            next(iter(feed))
+    finally:
+        fake.stop()
+    assert f"sent token id {vocab}, past our tokenizer's vocabulary of {vocab}" in str(
+        refused.value
+    )

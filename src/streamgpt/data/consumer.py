@@ -238,6 +238,8 @@ class ConsumerFeed:
                 self._put(_END)
                 conn.close()
                 return
+            if reply.tokens is not None:
+                self.wire.check_ids(reply.tokens, conn.url)
             tokens = reply.tokens if reply.tokens is not None else self.encode(reply.texts)
             self.packer.add(reply.ids, tokens)
             if reply.cursor is not None:

@@ -17,7 +17,9 @@ import hashlib
 import logging
 from typing import Any
 
+import numpy as np
 import orjson
+from tokenizers import Tokenizer
 
 from streamgpt.data.client import Connection, ServerRefused, UnknownTokenizer, put_tokenizer_request
 
@@ -33,6 +35,20 @@ class WireTokens:
         self.tokenizer_json = tokenizer_json
         self.sha256 = hashlib.sha256(tokenizer_json.encode()).hexdigest()
         self.eos_token = eos_token
+        # With added tokens: every id a frame holds must be below it.
+        self.vocab_size = Tokenizer.from_str(tokenizer_json).get_vocab_size(with_added_tokens=True)
+
+    def check_ids(self, tokens: list[np.ndarray], url: str) -> None:
+        """Raise ServerRefused if a frame holds an id our tokenizer cannot have made: the
+        embedding would fail on it (on a GPU, as a device-side assert far from the cause)."""
+        top = max((int(t.max()) for t in tokens if t.size), default=-1)
+        if top >= self.vocab_size:
+            raise ServerRefused(
+                f"tokens on the wire: the stream server at {url} sent token id {top}, past our "
+                f"tokenizer's vocabulary of {self.vocab_size} (tokenizer {self.sha256[:12]}): the "
+                "server tokenized with another tokenizer. Set data.stream.tokens_on_wire=false to "
+                "read text instead"
+            )
 
     def open(self, conn: Connection, consumer: dict[str, Any]) -> Connection:
         """`conn` handshaken as `consumer`, in token mode if the server speaks it."""
