@@ -55,10 +55,10 @@ class Ready:
         if problem:
             raise DamagedEntry(problem)
         n = self.meta["tokens"]
-        # np.memmap cannot map an empty file, and an entry of no tokens has nothing to map.
-        self.tokens = (
-            np.memmap(path / "tokens.bin", little, "r", shape=(n,)) if n else np.zeros(0, little)
-        )
+        # np.memmap cannot map an empty file, and an entry of no tokens has nothing to map. A plain
+        # view of the mapping: slicing a memmap costs more than the rest of a lookup.
+        mapped = np.memmap(path / "tokens.bin", little, "r", shape=(n,)) if n else None
+        self.tokens = mapped.view(np.ndarray) if mapped is not None else np.zeros(0, little)
         self.index = index
 
     def tokens_of(self, key: str, chunk: int) -> np.ndarray | None:

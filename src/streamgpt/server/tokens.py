@@ -30,6 +30,7 @@ from tokenizers import Tokenizer
 
 from streamgpt.atomic import write_atomic
 from streamgpt.server import protocol
+from streamgpt.server.corpus import sample_id_of
 from streamgpt.server.protocol import ProtocolError
 from streamgpt.wire import TOKEN_DTYPES, TOKEN_FRAME_MAGIC
 
@@ -64,12 +65,11 @@ class TokenMode:
         little = np.dtype(TOKEN_DTYPES[self.dtype])
         ids, arrays, missed, texts = [], [], [], []
         for sample in samples:
-            parsed = orjson.loads(sample)
-            ids.append(parsed["sample_id"])
+            ids.append(sample_id_of(sample))  # the text is parsed only if it is to be tokenized
             hit = self.cached.lookup(ids[-1]) if self.cached is not None else None
             if hit is None:
                 missed.append(len(arrays))
-                texts.append(next(iter(parsed["inputs"].values())))
+                texts.append(next(iter(orjson.loads(sample)["inputs"].values())))
             arrays.append(hit)
         if texts:
             if self.replace:
