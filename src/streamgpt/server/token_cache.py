@@ -6,8 +6,9 @@ such components of a mixture) is tokenized with the `tokenizers` library's batch
 every core, outside the event loop) exactly as a token frame tokenizes it, and written to an entry
 of the cache folder. Until the entry is ready the server tokenizes on the fly; once it is, a token
 frame is slices of a memory-mapped file, so later epochs and later runs (a restarted server, another
-server on the same folder) tokenize nothing. Sharded corpora (fineweb) are not cached: a stream
-reads them as they arrive, once an epoch, and they are tokenized in the frame that carries them.
+server on the same folder) tokenize nothing. Sharded corpora (fineweb) are not cached: too large to
+index, they are read from their source as the streams reach them, and each sample is tokenized as it
+arrives, in the frame that carries it.
 
 An entry is keyed by everything its ids depend on: the corpus's keys and texts, its chunking and id
 prefix, the tokenizer's sha256, the eos token and the marker it replaces, the dtype and the entry
