@@ -196,6 +196,11 @@ class Entry:
         """Tokenize the corpus into its entry (this server holds the lock) and open it."""
         assert self.path is not None
         self.state = "building"
+        log.info(
+            "token cache: building %s for tokenizer %s (until it is ready, tokenizing on the fly)",
+            self.part.name,
+            self.digest[:12],
+        )
         about = {"corpus": self.part.name, "tokenizer": self.digest, "eos_token": self.eos}
         try:
             meta = build(
