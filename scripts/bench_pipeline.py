@@ -126,7 +126,9 @@ def main() -> None:
     args = parser.parse_args()
 
     quiet = ["log_every_s=3600", "hydra.run.dir=" + tempfile.mkdtemp(prefix="bench-serve-")]
-    with ServerProcess(quiet) as server:
+    # Tokens on the wire tokenized on the fly, as BENCHMARKS measured them: the token cache's
+    # build would take every core while the pipeline is measured (bench_server measures it).
+    with ServerProcess([*quiet, "tokens.cache=false"]) as server:
         run = Path(tempfile.mkdtemp(prefix="bench-tokenizer-"))
         setup = StreamDataModule(
             StreamConfig(url=server.url, valid_size=0, streaming_setup_samples=2000),

@@ -11,7 +11,11 @@ the JSON encoding of a batch (orjson template vs the stdlib), and works out the 
 `babygpt` would consume on one H100 at 40% MFU, from FLOPs per token and measured tokens per
 sample, so the server's figure can be read against it.
 
-    python scripts/bench_server.py [--seconds 5] [--batch 64] [--rounds 2]
+Then tokens on the wire (bench_tokens.py): the token cache's build, tokens/s served per server core
+from the cache, tokenized on the fly and as text, and a server's time to its first token frame
+with a cold and a warm cache.
+
+    python scripts/bench_server.py [--seconds 5] [--batch 64] [--rounds 2] [--only server|tokens]
 """
 
 from __future__ import annotations
@@ -41,45 +45,63 @@ PROBE = '{"type":"getData","payload":{"batch_size":%d}}'
 
 
 async def _consume(
-    url: str, k: int, consumers: int, batch: int, seconds: float, depth: int, compression: bool
-) -> tuple[int, int]:
+    url: str,
+    k: int,
+    consumers: int,
+    batch: int,
+    seconds: float,
+    depth: int,
+    compression: bool,
+    tokens: str | None = None,
+) -> tuple[int, int, int]:
+    """(replies, bytes, token ids) received; `tokens`: the sha256 of a tokenizer the server
+    holds, read as token frames (tokens on the wire)."""
     from websockets.asyncio.client import connect
 
     options = {"max_size": None, "compression": "deflate" if compression else None}
     async with connect(url, **options) as ws:
-        hello = {
-            "type": "handshake",
-            "version": "1.0",
-            "consumer": {"rank": k, "world_size": consumers, "seed": 0},
-        }
-        await ws.send(json.dumps(hello))
-        await ws.recv()
+        consumer: dict = {"rank": k, "world_size": consumers, "seed": 0}
+        if tokens:
+            consumer["tokens"] = {"tokenizer": tokens, "eos_token": "<|endoftext|>"}
+        await ws.send(json.dumps({"type": "handshake", "version": "1.0", "consumer": consumer}))
+        assert b"error" not in await ws.recv(decode=False)
         request = PROBE % batch
         for _ in range(depth):  # keep `depth` requests in flight, as a prefetching client does
             await ws.send(request)
-        replies = size = 0
+        replies = size = ids = 0
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
             message = await ws.recv(decode=False)
             replies += 1
             size += len(message)
+            if tokens:  # a token frame: magic, header length, header, then uint16 ids
+                ids += (len(message) - 8 - int.from_bytes(message[4:8], "little")) // 2
             await ws.send(request)
-        return replies, size
+        return replies, size, ids
 
 
 async def _load(
-    url: str, consumers: int, batch: int, seconds: float, depth: int, compression: bool
+    url: str,
+    consumers: int,
+    batch: int,
+    seconds: float,
+    depth: int,
+    compression: bool,
+    tokens: str | None = None,
 ) -> dict:
     started = time.perf_counter()
     results = await asyncio.gather(
-        *(_consume(url, k, consumers, batch, seconds, depth, compression) for k in range(consumers))
+        *(
+            _consume(url, k, consumers, batch, seconds, depth, compression, tokens)
+            for k in range(consumers)
+        )
     )
     elapsed = time.perf_counter() - started
-    replies = sum(r for r, _ in results)
-    size = sum(s for _, s in results)
+    replies, size, ids = (sum(column) for column in zip(*results, strict=True))
     return {
         "samples_per_s": replies * batch / elapsed,
         "mb_per_s": size / elapsed / 1e6,
+        "tokens_per_s": ids / elapsed,
         "seconds": elapsed,
     }
 
@@ -102,8 +124,10 @@ def load(
     depth: int = 2,
     compression: bool = False,
     server_pid: int | None = None,
+    tokens: str | None = None,
 ) -> dict:
-    """Run the load in a child process on its own core; add the server's CPU ms per MB served."""
+    """Run the load in a child process on its own core; add the server's CPU ms per MB served
+    (and its CPU-seconds)."""
     before = psutil.Process(server_pid).cpu_times() if server_pid else None
     cmd = [
         sys.executable,
@@ -121,6 +145,8 @@ def load(
     ]
     if compression:
         cmd.append("--compression")
+    if tokens:
+        cmd += ["--tokens", tokens]
     done = subprocess.run(
         cmd, capture_output=True, text=True, check=True, preexec_fn=lambda: pin(0, LOAD_CPU)
     )
@@ -129,6 +155,7 @@ def load(
         after = psutil.Process(server_pid).cpu_times()
         cpu = after.user - before.user + after.system - before.system
         result["server_cpu_ms_per_mb"] = cpu * 1e3 / (result["mb_per_s"] * result["seconds"])
+        result["server_cpu_s"] = cpu
     return result
 
 
@@ -284,30 +311,37 @@ def main() -> None:
     parser.add_argument("--echo", help=argparse.SUPPRESS)
     parser.add_argument("--consumers", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--depth", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--only",
+        choices=("server", "tokens"),
+        help="only the server's text figures, or only tokens on the wire (bench_tokens.py)",
+    )
     parser.add_argument("--compression", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tokens", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load:
-        print(
-            json.dumps(
-                asyncio.run(
-                    _load(
-                        args.load,
-                        args.consumers,
-                        args.batch,
-                        args.seconds,
-                        args.depth,
-                        args.compression,
-                    )
-                )
-            )
-        )
+        options = (args.depth, args.compression, args.tokens)
+        load_args = (args.load, args.consumers, args.batch, args.seconds, *options)
+        print(json.dumps(asyncio.run(_load(*load_args))))
         return
     if args.echo:
         asyncio.run(_echo(args.echo))
         return
-
-    quiet = ["log_every_s=3600", "hydra.run.dir=" + tempfile.mkdtemp(prefix="bench-serve-")]
     results: dict = {"batch": args.batch, "seconds": args.seconds}
+    if args.only != "tokens":
+        results.update(server_section(args))
+    if args.only != "server":
+        import bench_tokens  # this script's folder is on sys.path
+
+        results["tokens"] = bench_tokens.token_section(args.seconds, args.batch, args.rounds)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+def server_section(args: argparse.Namespace) -> dict:
+    """Text: our server against the echo, deflate and a mixture; the encoder; babygpt's need."""
+    quiet = ["log_every_s=3600", "hydra.run.dir=" + tempfile.mkdtemp(prefix="bench-serve-")]
+    results: dict = {}
     with (
         ServerProcess(quiet) as ours,
         ServerProcess([*quiet, "compression=true"]) as deflate,
@@ -404,8 +438,7 @@ def main() -> None:
         f"({need['tokens_per_sample']:.0f} tokens a sample) = {need['mb_per_s']:.1f} MB/s; "
         f"one server process delivers {results['ours_over_h100_need']:.1f}x that"
     )
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":

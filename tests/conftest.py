@@ -103,7 +103,9 @@ def client() -> Iterator[Callable[..., Client]]:
 
 @pytest.fixture(scope="session")
 def stream_server(tmp_path_factory):
-    with ServerProcess([f"hydra.run.dir={tmp_path_factory.mktemp('server')}"]) as server:
+    run, cache = tmp_path_factory.mktemp("server"), tmp_path_factory.mktemp("token-cache")
+    # A token cache of its own: tests never write into the user's (nor share entries by accident).
+    with ServerProcess([f"hydra.run.dir={run}", f"tokens.cache_dir={cache}"]) as server:
         yield server
 
 

@@ -179,6 +179,16 @@ def test_the_header_is_padded_so_the_ids_are_4_byte_aligned(tokenizer_json):
         assert read_frame(frame).ids == ["x" * n]
 
 
+def test_a_frame_names_each_sample_by_its_id_whatever_its_text_holds(tokenizer_json):
+    """The frame reads a sample's id from the encoded sample's tail, without parsing its text."""
+    tricky = ['"sample_id": "b#0"}', '\\"sample_id\\":', '"sample_id":"x"', "plain"]
+    ids = ['a"b#0', "c\\d#1", "e/f#2", "\u00e9#3"]
+    encoder = SampleEncoder(id_prefix="mix/")
+    samples = [encoder.encode(f"mix/{i}", t) for i, t in zip(ids, tricky, strict=True)]
+    frame = TokenMode(Tokenizer.from_str(tokenizer_json), None, EOS, "uint16").frame(samples, {})
+    assert read_frame(frame).ids == [f"mix/{i}" for i in ids]
+
+
 # -- bad input to the server ----------------------------------------------------------------------
 
 

@@ -6,13 +6,16 @@ import asyncio
 import logging
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
+from streamgpt.cache import cache_dir
 from streamgpt.malloc import keep_freed_memory
 from streamgpt.server.app import StreamServer
 from streamgpt.server.config import LimitsConfig, validate
 from streamgpt.server.corpus import Chunking
 from streamgpt.server.sources import build_corpus
+from streamgpt.server.token_cache import TokenCache
 
 log = logging.getLogger("streamgpt.server")
 
@@ -27,6 +30,9 @@ def build_server(cfg: Any) -> StreamServer:
     )
     corpus = build_corpus(cfg.source, chunking, cfg.output_name)
     token = os.environ.get(cfg.auth.token_env) if cfg.auth.token_env else None
+    tokens = cfg.tokens
+    folder = Path(tokens.cache_dir).expanduser() if tokens.cache_dir else cache_dir() / "tokens"
+    token_cache = TokenCache(folder.absolute(), tokens.cache_max_bytes) if tokens.cache else None
     return StreamServer(
         corpus,
         host=cfg.host,
@@ -41,6 +47,7 @@ def build_server(cfg: Any) -> StreamServer:
         origins=list(cfg.auth.origins) if cfg.auth.origins is not None else None,
         compression=cfg.compression,
         log_every_s=cfg.log_every_s,
+        token_cache=token_cache,
     )
 
 

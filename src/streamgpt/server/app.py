@@ -34,6 +34,7 @@ from streamgpt.server.streams import (
     StreamBase,
     open_stream,
 )
+from streamgpt.server.token_cache import TokenCache
 from streamgpt.server.tokens import BinaryFrame, Tokenizers, TokenMode
 
 log = logging.getLogger("streamgpt.server")
@@ -72,6 +73,7 @@ class StreamServer:
         origins: list[str] | None = None,
         compression: bool = False,
         log_every_s: float = 30.0,
+        token_cache: TokenCache | None = None,
     ) -> None:
         self.corpus = corpus
         self.host, self.port, self.path = host, port, path
@@ -84,7 +86,12 @@ class StreamServer:
         self.log_every_s = log_every_s
         self._info = protocol.info_reply(output_name)
         self._validation_ids: frozenset[str] = frozenset()
-        self._tokenizers = Tokenizers(self.limits.max_tokenizer_bytes)
+        # Without a cache folder (the default here; build_server passes the config's) nothing is
+        # kept on disk and every token frame is tokenized on the fly.
+        self.token_cache = token_cache or TokenCache(None)
+        self._tokenizers = Tokenizers(
+            self.limits.max_tokenizer_bytes, self.token_cache.tokenizers_dir
+        )
         self._numbers = itertools.count(1)
         self._connections: set[ServerConnection] = set()
         self._server: Server | None = None
@@ -197,7 +204,8 @@ class StreamServer:
                 self._check_consumer(hello.consumer)
                 if hello.tokens is not None:
                     eot = self.corpus.chunking.eot_marker
-                    session.tokens = self._tokenizers.mode(hello.tokens, eot)
+                    mode = await self._tokenizers.mode(hello.tokens, eot)
+                    session.tokens = self.token_cache.use(self.corpus, mode)
                 session.consumer = hello.consumer
                 session.start = {"epoch": hello.epoch, "cursor": hello.cursor, "stage": hello.stage}
                 session.stream = self._consumer_stream(hello.consumer, **session.start)

@@ -128,6 +128,18 @@ class LimitsConfig:
 
 
 @dataclass
+class TokensConfig:
+    # Tokens on the wire (server/token_cache.py): keep the token ids of indexed corpora (and the
+    # uploaded tokenizers) on disk, so a corpus is tokenized once per tokenizer, not every epoch.
+    cache: bool = True
+    # null: $STREAMGPT_CACHE/tokens (streamgpt.cache.cache_dir()); servers may share one.
+    cache_dir: str | None = None
+    # After a build, the least recently used entries this server is not using are deleted until
+    # the rest fit.
+    cache_max_bytes: int = 20 << 30
+
+
+@dataclass
 class AuthConfig:
     # Name of the environment variable holding the bearer token (never the token itself, so it
     # stays out of saved configs and logs). Unset or empty variable: no auth.
@@ -149,6 +161,7 @@ class ServeConfig:
     end: EndConfig = field(default_factory=EndConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
     log_every_s: float = 30.0
     # Per-message deflate: off by default (it cut throughput ~5x here, and lets a small frame
     # inflate into a huge one).
@@ -209,6 +222,8 @@ def validate(cfg: Any, prefix: str = "") -> None:
         )
     for name, value in cfg.limits.items():
         require(value > 0, f"{prefix}limits.{name}", "positive", value)
+    size = cfg.tokens.cache_max_bytes
+    require(size > 0, f"{prefix}tokens.cache_max_bytes", "a positive number of bytes", size)
     require(0 <= cfg.port <= 65535, f"{prefix}port", "in [0, 65535] (0: a free port)", cfg.port)
     require(cfg.path.startswith("/"), f"{prefix}path", "a path starting with '/'", cfg.path)
     require(cfg.log_every_s > 0, f"{prefix}log_every_s", "positive", cfg.log_every_s)

@@ -52,6 +52,7 @@ def status(server: StreamServer) -> dict[str, Any]:
             "max_tokenizer_bytes": limits.max_tokenizer_bytes,
         },
         "auth": "bearer" if server.token else None,
+        "token_cache": server.token_cache.status(),
         **extra,
     }
 

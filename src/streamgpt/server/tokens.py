@@ -6,7 +6,10 @@ A consumer names its tokenizer by the sha256 of its tokenizer.json in the handsh
 consumer's `getData` is then answered with one binary frame of token ids: the samples tokenized
 exactly as the client's own Encoder (data/packing.py) would, the server's end-of-text marker
 replaced by the consumer's eos token and no special tokens added, so batches are the same bits.
-Tokenizing runs in a worker thread: other connections are not stalled by it.
+Tokenizing runs in a worker thread: other connections are not stalled by it. With the token cache
+(server/token_cache.py) a sample's ids come from disk once its corpus has been tokenized, and the
+uploaded tokenizers are kept there too, so a restarted server, or another server on the same
+cache folder, knows them without a new upload.
 """
 
 from __future__ import annotations
@@ -18,15 +21,21 @@ import re
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 from tokenizers import Tokenizer
 
+from streamgpt.atomic import write_atomic
 from streamgpt.server import protocol
+from streamgpt.server.corpus import sample_id_of
 from streamgpt.server.protocol import ProtocolError
 from streamgpt.wire import TOKEN_DTYPES, TOKEN_FRAME_MAGIC
+
+if TYPE_CHECKING:
+    from streamgpt.server.token_cache import CorpusTokens
 
 log = logging.getLogger("streamgpt.server")
 
@@ -47,20 +56,31 @@ class TokenMode:
     replace: str | None  # the server's end-of-text marker, when it is not the eos token
     eos_token: str
     dtype: str  # a key of TOKEN_DTYPES
+    digest: str = ""  # the sha256 of the tokenizer.json
+    cached: CorpusTokens | None = None  # the token cache's entries for the served corpus
 
     def frame(self, samples: list[bytes], cursor: dict[str, Any]) -> BinaryFrame:
-        """The samples (at least one, as the JSON a text reply would carry) as one token frame."""
-        ids, texts = [], []
-        for sample in samples:
-            parsed = orjson.loads(sample)
-            ids.append(parsed["sample_id"])
-            texts.append(next(iter(parsed["inputs"].values())))
-        if self.replace:
-            texts = [t.replace(self.replace, self.eos_token) for t in texts]
-        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
-        lengths = [len(e.ids) for e in encodings]
+        """The samples (at least one, as the JSON a text reply would carry) as one token frame:
+        each sample's ids from the token cache, or tokenized here (one batch for the rest)."""
         little = np.dtype(TOKEN_DTYPES[self.dtype])
-        tokens = np.concatenate([np.asarray(e.ids, little) for e in encodings])
+        ids, arrays, missed, texts = [], [], [], []
+        for sample in samples:
+            ids.append(sample_id_of(sample))  # the text is parsed only if it is to be tokenized
+            hit = self.cached.lookup(ids[-1]) if self.cached is not None else None
+            if hit is None:
+                missed.append(len(arrays))
+                texts.append(next(iter(orjson.loads(sample)["inputs"].values())))
+            arrays.append(hit)
+        if texts:
+            if self.replace:
+                texts = [t.replace(self.replace, self.eos_token) for t in texts]
+            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+            for i, encoding in zip(missed, encodings, strict=True):
+                arrays[i] = np.asarray(encoding.ids, little)
+        if self.cached is not None:
+            self.cached.count(len(ids) - len(missed), len(missed))
+        lengths = [len(a) for a in arrays]
+        tokens = np.concatenate(arrays)
         header = orjson.dumps(
             {"cursor": cursor, "ids": ids, "lengths": lengths, "dtype": self.dtype}
         )
@@ -74,13 +94,15 @@ class TokenMode:
 
 
 class Tokenizers:
-    """The tokenizers clients uploaded, by sha256 of their tokenizer.json (in memory only)."""
+    """The tokenizers clients uploaded, by sha256 of their tokenizer.json: held in memory, and
+    kept as `<sha256>.json` in `store` when there is one (the token cache's folder)."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, store: Path | None = None) -> None:
         self.max_bytes = max_bytes
+        self.store = store
         self._held: OrderedDict[str, Tokenizer] = OrderedDict()
 
-    def mode(self, request: Any, eot_marker: str) -> TokenMode:
+    async def mode(self, request: Any, eot_marker: str) -> TokenMode:
         """The token mode a handshake's `consumer.tokens` asks for. Raises ProtocolError."""
         if not isinstance(request, dict):
             raise ProtocolError(
@@ -99,6 +121,10 @@ class Tokenizers:
                 f"{_MAX_EOS_CHARS} characters, got {protocol._show(eos)}"
             )
         tokenizer = self._held.get(digest)
+        if tokenizer is None and self.store is not None:
+            tokenizer = await asyncio.to_thread(self._recall, digest)
+            if tokenizer is not None:
+                self._hold(digest, tokenizer)
         if tokenizer is None:
             raise ProtocolError(
                 f"handshake: this server does not hold tokenizer {digest}; upload it with "
@@ -108,7 +134,8 @@ class Tokenizers:
         self._held.move_to_end(digest)
         vocab = tokenizer.get_vocab_size(with_added_tokens=True)
         replace = eot_marker if eot_marker and eot_marker != eos else None
-        return TokenMode(tokenizer, replace, eos, "uint16" if vocab <= 1 << 16 else "uint32")
+        dtype = "uint16" if vocab <= 1 << 16 else "uint32"
+        return TokenMode(tokenizer, replace, eos, dtype, digest)
 
     async def put(self, msg: dict[str, Any]) -> bytes:
         """Answer a putTokenizer: check the upload, hold the tokenizer, confirm."""
@@ -143,11 +170,49 @@ class Tokenizers:
         vocab = tokenizer.get_vocab_size(with_added_tokens=True)
         if vocab > 1 << 32:
             raise ProtocolError(f"putTokenizer: a vocabulary of {vocab} does not fit in uint32")
-        self._held[digest] = tokenizer
-        self._held.move_to_end(digest)
-        while len(self._held) > MAX_TOKENIZERS:
-            self._held.popitem(last=False)
+        self._hold(digest, tokenizer)
+        if self.store is not None:
+            await asyncio.to_thread(self._keep, digest, data)
         log.info("tokenizer %s received (vocabulary %d)", digest[:12], vocab)
         return protocol.encode(
             {"type": "tokenizerConfirmation", "payload": {"sha256": digest, "vocab_size": vocab}}
         )
+
+    def _hold(self, digest: str, tokenizer: Tokenizer) -> None:
+        self._held[digest] = tokenizer
+        self._held.move_to_end(digest)
+        while len(self._held) > MAX_TOKENIZERS:
+            self._held.popitem(last=False)
+
+    def _keep(self, digest: str, data: bytes) -> None:
+        assert self.store is not None
+        path = self.store / f"{digest}.json"
+        try:
+            write_atomic(path, data)  # even over a file there: one that failed its check
+        except OSError as e:  # the upload still succeeds: the tokenizer is held in memory
+            log.warning("cannot keep tokenizer %s in %s (%s)", digest[:12], self.store, e)
+
+    def _recall(self, digest: str) -> Tokenizer | None:
+        """The tokenizer this or another server kept, its sha256 checked again (None: upload)."""
+        assert self.store is not None
+        path = self.store / f"{digest}.json"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.warning("cannot read %s (%s); the client will upload the tokenizer", path, e)
+            return None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != digest:
+            log.warning(
+                "%s has sha256 %s, not its name: ignored, the client will upload the tokenizer",
+                path,
+                actual,
+            )
+            return None
+        try:
+            return Tokenizer.from_str(data.decode("utf-8", "surrogatepass"))
+        except Exception as e:  # the tokenizers library raises plain Exceptions
+            log.warning("%s does not load (%s): the client will upload the tokenizer", path, e)
+            return None
