@@ -72,6 +72,12 @@ def bind_first(host: str, port: int) -> int:
         return probe.getsockname()[1]
 
 
+def _recv_and_close(ready: Connection) -> None:
+    # Closed by the thread that reads it: a stop that cancels the wait cannot close it under it.
+    with ready:
+        ready.recv()
+
+
 def _why(code: int | None) -> str:
     if code is not None and code < 0:
         return f"killed by {signal.Signals(-code).name}"
@@ -124,15 +130,13 @@ class Team:
         told.close()
         self.procs[k] = proc
         try:
-            await asyncio.to_thread(ready.recv)  # EOFError: it ended before it listened
-        except EOFError:
+            await asyncio.to_thread(_recv_and_close, ready)
+        except EOFError:  # it ended before it listened
             proc.join()
             raise RuntimeError(
                 f"worker {k} of the stream server ended ({_why(proc.exitcode)}) before it "
                 "listened; its log lines above say why"
             ) from None
-        finally:
-            ready.close()
         asyncio.get_running_loop().add_reader(proc.sentinel, self._died, k, proc)
 
     def _died(self, k: int, proc: BaseProcess) -> None:
