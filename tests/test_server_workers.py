@@ -211,6 +211,15 @@ def test_sigterm_to_worker_0_stops_every_process_of_the_server(tmp_path):
     assert alive == [], alive
 
 
+def test_the_workers_end_with_worker_0_even_when_it_is_killed(tmp_path):
+    with ServerProcess(["workers=2", f"hydra.run.dir={tmp_path}"]) as server:
+        (worker,) = workers_of(server)
+        server.proc.send_signal(signal.SIGKILL)  # no chance to stop them: the kernel tells them
+        assert server.proc.wait(10) == -signal.SIGKILL
+        worker.wait(10)
+        assert not worker.is_running()
+
+
 def test_a_killed_worker_is_started_again_and_serves_on_the_port(tmp_path):
     with ServerProcess(["workers=2", f"hydra.run.dir={tmp_path}"]) as server:
         (worker,) = workers_of(server)
