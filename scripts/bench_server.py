@@ -11,11 +11,17 @@ the JSON encoding of a batch (orjson template vs the stdlib), and works out the 
 `babygpt` would consume on one H100 at 40% MFU, from FLOPs per token and measured tokens per
 sample, so the server's figure can be read against it.
 
+Several server processes (`workers`): 8 consumers from workers=1 and workers=2 (SO_REUSEPORT), from
+a front process that relays every connection to the workers=2 server (the alternative design), and
+from workers=1 and 2 with deflate on (server-bound). Nothing is pinned there: the server's
+processes and the load share the machine's cores, so the server's CPU per sample is printed too.
+
 Then tokens on the wire (bench_tokens.py): the token cache's build, tokens/s served per server core
 from the cache, tokenized on the fly and as text, and a server's time to its first token frame
 with a cold and a warm cache.
 
-    python scripts/bench_server.py [--seconds 5] [--batch 64] [--rounds 2] [--only server|tokens]
+    python scripts/bench_server.py [--seconds 5] [--batch 64] [--rounds 2]
+        [--only server|workers|tokens]
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -301,6 +308,140 @@ def mixture_overrides() -> list[str]:
     ]
 
 
+# -- several server processes on one port (workers) --------------------------------------------
+
+
+async def _front(backend: str) -> None:
+    """The front-process alternative to SO_REUSEPORT: one process accepts every connection and
+    relays it, frame by frame (the server's own relay, relay.py), to the server at `backend`."""
+    from types import SimpleNamespace
+
+    from websockets.asyncio.client import connect
+    from websockets.asyncio.server import serve
+
+    from streamgpt.server.relay import _pipe
+
+    keep_freed_memory(mmap_threshold=64 << 20, trim_threshold=256 << 20)
+    options = {"compression": None, "max_size": None, "ping_interval": None}
+
+    async def handler(ws) -> None:
+        hello = await ws.recv()
+        async with connect(backend, **options) as upstream:
+            await upstream.send(hello)
+            await _pipe(ws, upstream, SimpleNamespace(last_seen=0.0, bytes=0))
+
+    async with serve(handler, "127.0.0.1", 0, **options) as server:
+        port = server.sockets[0].getsockname()[1]
+        print(f"front listening on ws://127.0.0.1:{port}/ws", flush=True)
+        await asyncio.Future()
+
+
+def _cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) of these processes and all their children."""
+    total = 0.0
+    for pid in pids:
+        root = psutil.Process(pid)
+        for proc in (root, *root.children(recursive=True)):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def unpinned_load(
+    url: str, batch: int, seconds: float, pids: list[int], compression: bool = False
+) -> dict:
+    """8 consumers from the load process of load(), left to the scheduler; the CPU the server's
+    processes (`pids` and their children) and the load spent, per sample and in cores busy."""
+    server_before = _cpu_s(pids)
+    load_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    options = ["--consumers", "8", "--batch", str(batch), "--seconds", str(seconds)]
+    done = subprocess.run(
+        [sys.executable, __file__, "--load", url, *options, *(["--compression"] * compression)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    load_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_cpu = _cpu_s(pids) - server_before
+    fields = ("ru_utime", "ru_stime")
+    load_cpu = sum(getattr(load_after, f) - getattr(load_before, f) for f in fields)
+    result = json.loads(done.stdout)
+    samples = result["samples_per_s"] * result["seconds"]
+    result["server_cpu_us_per_sample"] = server_cpu * 1e6 / samples
+    result["server_cores"] = server_cpu / result["seconds"]
+    result["load_cores"] = load_cpu / result["seconds"]
+    return result
+
+
+# (key, what, the workers=1 row it is compared with)
+WORKER_ROWS = (
+    ("one", "workers=1", "one"),
+    ("two", "workers=2 (SO_REUSEPORT)", "one"),
+    ("front", "front process relaying to workers=2", "one"),
+    ("one_deflate", "workers=1, compression=true", "one_deflate"),
+    ("two_deflate", "workers=2, compression=true", "one_deflate"),
+)
+
+
+def workers_scaling(quiet: list[str], batch: int, seconds: float, rounds: int) -> dict:
+    """8 consumers from workers=1 and workers=2 (SO_REUSEPORT), from a front process relaying
+    every connection to the workers=2 server, and from workers=1 and 2 with deflate on (which
+    makes the server, not the load, the busier side), measured in turns; medians and ratios."""
+    deflate = [*quiet, "compression=true"]
+    with (
+        ServerProcess(quiet) as one,
+        ServerProcess([*quiet, "workers=2"]) as two,
+        ServerProcess(deflate) as one_deflate,
+        ServerProcess([*deflate, "workers=2"]) as two_deflate,
+        subprocess.Popen(
+            [sys.executable, __file__, "--front", two.url], stdout=subprocess.PIPE, text=True
+        ) as front,
+    ):
+        front_url = front.stdout.readline().rsplit(" ", 1)[1].strip()
+        contenders = {
+            "one": (one.url, [one.proc.pid], False),
+            "two": (two.url, [two.proc.pid], False),
+            "front": (front_url, [front.pid, two.proc.pid], False),
+            "one_deflate": (one_deflate.url, [one_deflate.proc.pid], True),
+            "two_deflate": (two_deflate.url, [two_deflate.proc.pid], True),
+        }
+        for url, _, _ in contenders.values():  # every worker chunks and caches every document
+            for _ in range(16):
+                one_reply(url, 4096)
+        runs: dict[str, list[dict]] = {name: [] for name in contenders}
+        for _ in range(rounds):
+            for name, (url, pids, deflated) in contenders.items():
+                runs[name].append(unpinned_load(url, batch, seconds, pids, deflated))
+        front.terminate()
+    row = {
+        name: {key: statistics.median(r[key] for r in rs) for key in rs[0] if key != "seconds"}
+        for name, rs in runs.items()
+    }
+    for key, _, base in WORKER_ROWS:
+        row[key]["over_workers_1"] = row[key]["samples_per_s"] / row[base]["samples_per_s"]
+    row["cores"] = len(CPUS)
+    return row
+
+
+def print_workers(row: dict) -> None:
+    print(
+        f"\n8 consumers; the server's processes and the load process share {row['cores']} cores, "
+        "none pinned"
+    )
+    print(
+        "| server | samples/s | MB/s | / workers=1 | server CPU us/sample | server cores busy "
+        "| load cores busy |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for key, name, _ in WORKER_ROWS:
+        r = row[key]
+        print(
+            f"| {name} | {r['samples_per_s']:.0f} | {r['mb_per_s']:.0f} | "
+            f"{r['over_workers_1']:.2f} | {r['server_cpu_us_per_sample']:.1f} | "
+            f"{r['server_cores']:.2f} | {r['load_cores']:.2f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -313,12 +454,16 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument(
         "--only",
-        choices=("server", "tokens"),
-        help="only the server's text figures, or only tokens on the wire (bench_tokens.py)",
+        choices=("server", "workers", "tokens"),
+        help="only the server's text figures, several server processes, or tokens on the wire",
     )
     parser.add_argument("--compression", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", help=argparse.SUPPRESS)
+    parser.add_argument("--front", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.front:
+        asyncio.run(_front(args.front))
+        return
     if args.load:
         options = (args.depth, args.compression, args.tokens)
         load_args = (args.load, args.consumers, args.batch, args.seconds, *options)
@@ -328,9 +473,13 @@ def main() -> None:
         asyncio.run(_echo(args.echo))
         return
     results: dict = {"batch": args.batch, "seconds": args.seconds}
-    if args.only != "tokens":
+    if args.only in (None, "server"):
         results.update(server_section(args))
-    if args.only != "server":
+    if args.only in (None, "workers"):
+        quiet = ["log_every_s=3600", "hydra.run.dir=" + tempfile.mkdtemp(prefix="bench-serve-")]
+        results["workers"] = workers_scaling(quiet, args.batch, args.seconds, args.rounds)
+        print_workers(results["workers"])
+    if args.only in (None, "tokens"):
         import bench_tokens  # this script's folder is on sys.path
 
         results["tokens"] = bench_tokens.token_section(args.seconds, args.batch, args.rounds)

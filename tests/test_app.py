@@ -132,6 +132,7 @@ BAD_VALUES = [
     ("server.limits.max_batch_size=0", "server.limits.max_batch_size must be positive"),
     ("server.end.max_epochs=0", "server.end.max_epochs must be a positive integer or null"),
     ("server.port=70000", "server.port must be in [0, 65535]"),
+    ("server.workers=0", "server.workers must be a positive integer, got 0"),
 ]
 
 

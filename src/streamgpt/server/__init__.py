@@ -16,6 +16,7 @@ from streamgpt.server.config import LimitsConfig, validate
 from streamgpt.server.corpus import Chunking
 from streamgpt.server.sources import build_corpus
 from streamgpt.server.token_cache import TokenCache
+from streamgpt.server.workers import Team
 
 log = logging.getLogger("streamgpt.server")
 
@@ -51,16 +52,24 @@ def build_server(cfg: Any) -> StreamServer:
     )
 
 
-def run(cfg: Any) -> None:
-    """Serve until SIGINT or SIGTERM. Prints the URL once it accepts connections."""
+def quiet_and_lean() -> None:
+    """Process-wide settings of a server process."""
     keep_freed_memory(mmap_threshold=64 << 20, trim_threshold=256 << 20)  # reply buffers
     # Our own lines say who connected and what they read; websockets' would repeat them.
     logging.getLogger("websockets").setLevel(logging.WARNING)
+
+
+def run(cfg: Any) -> None:
+    """Serve until SIGINT or SIGTERM. Prints the URL once it accepts connections."""
+    quiet_and_lean()
     server = build_server(cfg)
+    team = Team(cfg, server) if cfg.workers > 1 else None  # the other server processes
     description = server.corpus.description
 
     async def main() -> None:
         try:
+            if team is not None:
+                team.bind()
             await server.start()
         except OSError as e:
             raise OSError(
@@ -71,19 +80,26 @@ def run(cfg: Any) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        log.info(
-            "serving %s: %s documents (%s train, %s validation), %d-word chunks%s",
-            description["source"],
-            description.get("documents", "?"),
-            description.get("train_documents", "?"),
-            description.get("validation_documents", "?"),
-            server.corpus.chunking.words,
-            ", bearer token required" if server.token else "",
-        )
-        # The readiness line: the embedded-server launcher and the tests wait for it.
-        print(f"streamgpt stream server listening on {server.url}", flush=True)
-        await stop.wait()
-        log.info("shutting down")
-        await server.stop()
+        try:
+            if team is not None:
+                await team.start()
+            log.info(
+                "serving %s: %s documents (%s train, %s validation), %d-word chunks%s%s",
+                description["source"],
+                description.get("documents", "?"),
+                description.get("train_documents", "?"),
+                description.get("validation_documents", "?"),
+                server.corpus.chunking.words,
+                f", {server.workers} processes" if team is not None else "",
+                ", bearer token required" if server.token else "",
+            )
+            # The readiness line: the embedded-server launcher and the tests wait for it.
+            print(f"streamgpt stream server listening on {server.url}", flush=True)
+            await (team.watch(stop) if team is not None else stop.wait())
+            log.info("shutting down")
+        finally:
+            if team is not None:
+                await team.stop()
+            await server.stop()
 
     asyncio.run(main())

@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,9 @@ from streamgpt.server.token_cache import TokenCache
 from streamgpt.server.tokens import BinaryFrame, Tokenizers, TokenMode
 
 log = logging.getLogger("streamgpt.server")
+
+# relay.py's Relay: (connection, session, its handshake frame) -> the session, relayed to worker 0.
+Relay = Callable[[ServerConnection, "Session", str | bytes], Awaitable[None]]
 
 
 @dataclass
@@ -85,6 +89,11 @@ class StreamServer:
         self.compression = compression
         self.log_every_s = log_every_s
         self._info = protocol.info_reply(output_name)
+        # A server of several processes (workers.py) sets these: which process this is, whether
+        # its sockets share the port, and how its core sessions reach worker 0 (relay.py).
+        self.workers, self.worker, self.reuse_port = 1, 0, False
+        self.relay: Relay | None = None
+        self.relayed: Server | None = None  # worker 0's private port for the other workers
         self._validation_ids: frozenset[str] = frozenset()
         # Without a cache folder (the default here; build_server passes the config's) nothing is
         # kept on disk and every token frame is tokenized on the fly.
@@ -126,6 +135,7 @@ class StreamServer:
             ping_interval=None,  # peers are judged by their messages: see limits.idle_timeout_s
             close_timeout=2,  # a peer that stops reading must not hold up a shutdown for long
             server_header=f"streamgpt/{__version__}",
+            reuse_port=self.reuse_port,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._ticker = asyncio.create_task(report.log_throughput(self))
@@ -191,15 +201,20 @@ class StreamServer:
             )
 
     async def _open(self, ws: ServerConnection, session: Session) -> bool:
-        """The handshake. False (after an error message and a close) if it fails."""
+        """The handshake. False if it failed (after an error message and a close), or if the
+        session went to worker 0 and is over (a core session on another worker: relay.py)."""
         try:
             try:
-                first = protocol.decode(await self._recv(ws, session))
+                frame = await self._recv(ws, session)
+                first = protocol.decode(frame)
             except ProtocolError as e:
                 raise ProtocolError(
                     f"Incompatible protocol version: expected a handshake; {e}"
                 ) from None
             hello = protocol.handshake(first)
+            if hello.consumer is None and self.relay is not None:
+                await self.relay(ws, session, frame)  # the shared stream is worker 0's
+                return False
             if hello.consumer is not None:
                 self._check_consumer(hello.consumer)
                 if hello.tokens is not None:

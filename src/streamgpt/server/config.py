@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import re
+import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +155,8 @@ class ServeConfig:
     source: Any = MISSING
     host: str = "127.0.0.1"
     port: int = 8000
+    # Server processes on the port (workers.py); each loads the corpus and has its own limits.
+    workers: int = 1
     path: str = "/ws"
     # Shuffle seed of the shared stream that core-protocol clients (EIR) read.
     seed: int = 0
@@ -225,8 +229,21 @@ def validate(cfg: Any, prefix: str = "") -> None:
     size = cfg.tokens.cache_max_bytes
     require(size > 0, f"{prefix}tokens.cache_max_bytes", "a positive number of bytes", size)
     require(0 <= cfg.port <= 65535, f"{prefix}port", "in [0, 65535] (0: a free port)", cfg.port)
+    _validate_workers(cfg.workers, f"{prefix}workers")
     require(cfg.path.startswith("/"), f"{prefix}path", "a path starting with '/'", cfg.path)
     require(cfg.log_every_s > 0, f"{prefix}log_every_s", "positive", cfg.log_every_s)
+
+
+def _validate_workers(workers: Any, key: str) -> None:
+    require(isinstance(workers, int) and workers >= 1, key, "a positive integer", workers)
+    # Elsewhere SO_REUSEPORT is missing, or (BSD, macOS) gives every connection to one socket.
+    linux = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+    require(
+        workers == 1 or linux,
+        key,
+        f"1 on {sys.platform} (several processes share a port only on Linux, with SO_REUSEPORT)",
+        workers,
+    )
 
 
 def _validate_source(source: Any, key: str) -> None:

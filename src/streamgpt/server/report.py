@@ -18,19 +18,30 @@ log = logging.getLogger("streamgpt.server")
 
 
 def status(server: StreamServer) -> dict[str, Any]:
-    core = server._core.cursor()
-    # A mixture's composition: the shared stream's stage and weights, samples per component.
-    mixture = isinstance(server.corpus, MixCorpus)
-    extra = {"mixture": server.corpus.composition(server._core)} if mixture else {}
+    # Only worker 0 serves the shared stream (the others relay core sessions to it): elsewhere
+    # its fields are null rather than those of a stream nobody reads.
+    shared = server.worker == 0
+    core = server._core.cursor() if shared else None
+    extra: dict[str, Any] = {}
+    if isinstance(server.corpus, MixCorpus):  # the shared stream's stage, samples per component
+        extra["mixture"] = server.corpus.composition(server._core)
+        if not shared:
+            extra["mixture"].update(stage=None, from_sample=None)
+            for component in extra["mixture"]["components"].values():
+                component["weight"] = None
+    if server.relayed is not None:
+        extra["relayed_connections"] = len(server.relayed.connections)
     limits = server.limits
     return {
         "server": f"streamgpt {__version__}",
         "protocol": PROTOCOL_VERSION,
         "extensions": list(EXTENSIONS),
+        "workers": server.workers,
+        "worker": server.worker,
         "active_connections": len(server._connections),
-        "current_position": core["n"],
+        "current_position": core["n"] if shared else None,
         "shared_cursor": core,
-        "ended": server._core_ended,
+        "ended": server._core_ended if shared else None,
         "end": {"max_epochs": server.max_epochs, "max_samples": server.max_samples},
         "validation_ids_count": len(server._validation_ids),
         "samples_served": server.samples_served,
