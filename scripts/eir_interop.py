@@ -1,6 +1,8 @@
 """Train the real EIR (`eirtrain`, PyPI eir-dl) from our stream server, end to end.
 
-    python scripts/eir_interop.py --eirtrain /path/to/venv/bin/eirtrain [--samples 2000]
+    python scripts/eir_interop.py --eirtrain VENV/bin/eirtrain [--samples 2000] [KEY=VALUE ...]
+
+(KEY=VALUE: more server overrides, e.g. workers=2.)
 
 Starts our server (embedded Shakespeare, an end after --samples samples so that EIR's run
 finishes), writes a scaled-down version of EIR's streaming tutorial 01 configs, runs eirtrain
@@ -65,11 +67,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--eirtrain", required=True, help="path to the eirtrain executable")
     parser.add_argument("--samples", type=int, default=2000, help="server end (max_samples)")
+    parser.add_argument("server", nargs="*", help="more server overrides, e.g. workers=2")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="eir-interop-"))
     out = work / "run"
     overrides = [f"end.max_samples={args.samples}", f"hydra.run.dir={work / 'server'}"]
+    overrides += args.server
     with ServerProcess(overrides) as server:
         (work / "globals.yaml").write_text(GLOBALS.format(out=out))
         (work / "fusion.yaml").write_text(FUSION)
