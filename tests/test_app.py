@@ -100,7 +100,7 @@ BAD_VALUES = [
     ("data.stream.url=http://host:80/ws", "data.stream.url must be a ws:// or wss:// URL"),
     ("data.stream.url=[]", "data.stream.url must be a ws:// or wss:// URL"),
     ("tokenizer.vocab_size=100", "tokenizer.vocab_size must be >= 258"),
-    ("tokenizer.name=wordpiece", "tokenizer.name must be bpe or pretrained"),
+    ("tokenizer.name=wordpiece", "tokenizer.name must be bpe, bytes or pretrained"),
     ("data.stream.streaming_setup_samples=0", "data.stream.streaming_setup_samples must be"),
     ("optimizer.lr=-1", "optimizer.lr must be positive"),
     ("optimizer.name=sgd", "optimizer.name must be one of"),
