@@ -4,12 +4,15 @@ schedule: who steps what, what a Muon step looks like, learning, resuming throug
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
+from streamgpt.config import register_configs, validate
 from streamgpt.lit_module import GPTModule, pad_vocab
 from streamgpt.model import GPT, GPTConfig
 from streamgpt.optim import OptimizerConfig, build_optimizer, build_schedule, lr_factor, wsd_factor
@@ -146,6 +149,16 @@ def test_one_schedule_scales_every_group_of_both_optimizers():
 def test_bad_muon_and_schedule_settings_are_refused_naming_the_key(bad, message):
     with pytest.raises(ValueError, match=message):
         OptimizerConfig(**bad)
+
+
+def test_muon_with_fsdp_is_refused_before_any_work():
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    register_configs(conf)
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=["optimizer=muon", "trainer=fsdp"])
+        validate(compose("train", overrides=["optimizer=muon", "trainer=ddp"]))
+    with pytest.raises(ValueError, match="optimizer=muon orthogonalises each matrix whole"):
+        validate(cfg)
 
 
 # -- through Lightning: the checkpoint holds both optimizers -----------------------------------

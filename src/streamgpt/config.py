@@ -194,6 +194,11 @@ def _model(cfg: Any) -> None:
     if cfg.model.init_from:
         check_init_from(cfg.model)
     OptimizerConfig(**cfg.optimizer)
+    if cfg.optimizer.name == "muon" and "fsdp" in str(cfg.trainer.strategy):
+        raise ValueError(
+            "optimizer=muon orthogonalises each matrix whole and trainer.strategy=fsdp shards "
+            "them across ranks: use trainer=ddp (each rank holds whole matrices) or optimizer=adamw"
+        )
     if cfg.data.stream.max_length > cfg.model.context:
         raise ValueError(
             f"data.stream.max_length={cfg.data.stream.max_length} exceeds "
