@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,8 @@ from transformers import (
 from transformers.activations import ACT2FN
 
 from streamgpt.config import gpt_fields, register_configs, validate
-from streamgpt.hf import architecture, hf_config, read_checkpoint
+from streamgpt.data import tokenizer as tokenizers
+from streamgpt.hf import architecture, export, hf_config, read_checkpoint
 from streamgpt.lit_module import GPTModule
 from streamgpt.model import GPT, GPTConfig
 from streamgpt.run import fresh_init
@@ -156,8 +158,44 @@ def test_a_shape_no_hugging_face_architecture_computes_is_refused_naming_the_fie
     cfg = GPTConfig(vocab_size=64, positions="rotary", norm="layernorm", mlp="gelu")
     with pytest.raises(ValueError, match=r"model.positions=rotary, model.norm=layernorm") as e:
         architecture(cfg)
-    assert "positions=learned, norm=layernorm, mlp=gelu (GPT-2)" in str(e.value)
+    assert "positions=learned, norm=layernorm, mlp=gelu or relu2 (GPT-2)" in str(e.value)
     assert "positions=rotary, norm=rmsnorm, mlp=swiglu (Llama)" in str(e.value)
+    with pytest.raises(ValueError, match=r"model.qk_norm=true: neither GPT-2 nor Llama"):
+        architecture(GPTConfig(vocab_size=64, qk_norm=True))
+
+
+@pytest.mark.parametrize(
+    ("shape", "name"),
+    [
+        ({"mlp": "relu2"}, "GPT2LMHeadModel"),
+        ({"positions": "rotary", "norm": "rmsnorm", "mlp": "swiglu"}, "LlamaForCausalLM"),
+    ],
+)
+def test_an_untied_head_exports_as_its_own_lm_head_with_our_logits(tmp_path, shape, name):
+    """model.tie_embeddings=false (and ReLU^2 for GPT-2): a checkpoint as a run writes it,
+    exported, gives our logits in transformers (weights moved off their init first)."""
+    torch.manual_seed(11)
+    model = {"vocab_size": 320, "context": 16, "d_model": 32, "n_layers": 2, "n_heads": 4}
+    lit = GPTModule({**model, **shape, "tie_embeddings": False}, {"name": "adamw"})
+    with torch.no_grad():
+        for p in lit.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    trainer.strategy.connect(lit)
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    tokenizers.train_bpe(["a few words"] * 20, 300, 1, "<|endoftext|>", "<|pad|>").save(
+        str(tmp_path / "run" / "tokenizer.json")
+    )
+    assert export(checkpoint, tmp_path / "hf") == name
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    assert not theirs.config.tie_word_embeddings
+    assert theirs.get_output_embeddings().weight.data_ptr() != (
+        theirs.get_input_embeddings().weight.data_ptr()
+    )
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, lit.gpt.eval()(ids)[0], atol=1e-4, rtol=0)
 
 
 # -- the way in: model.init_from ------------------------------------------------------------------
@@ -224,6 +262,7 @@ def test_init_from_is_for_a_fresh_run_only():
         ),
         (["model.bias=false"], "the model must be GPT-2-shaped, set model.bias=true"),
         (["model.positions=rotary"], "set model.positions=learned"),
+        (["model.qk_norm=true"], "set model.qk_norm=false"),
         (["model.vocab_size=64"], "has 100 token rows, more than model.vocab_size=64"),
     ],
 )

@@ -11,14 +11,25 @@ import pytest
 import torch
 import yaml
 
+from streamgpt.checkpoints import load_gpt
 from streamgpt.lit_module import GPTModule, pad_vocab
-from streamgpt.model import GPT, GPTConfig, Linear, sample
+from streamgpt.model import (
+    GPT,
+    MLP,
+    Attention,
+    GPTConfig,
+    Linear,
+    apply_rotary,
+    rotary_tables,
+    sample,
+)
 from streamgpt.optim import Lion, OptimizerConfig, build_optimizer, lr_factor
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 VARIANTS = [
     {"positions": "learned", "mlp": "gelu", "norm": "layernorm"},
     {"positions": "rotary", "mlp": "swiglu", "norm": "rmsnorm"},
+    {"positions": "rotary", "mlp": "relu2", "norm": "rmsnorm", "qk_norm": True},
 ]
 
 
@@ -62,6 +73,70 @@ def test_cached_generation_equals_full_recompute_token_for_token(variant, prompt
     cached = model.generate(prompt, 50, temperature=0)  # runs past the context of 24
     recomputed = model.generate(prompt, 50, temperature=0, use_cache=False)
     assert cached == recomputed and len(cached) == 50
+
+
+def rms(t: torch.Tensor) -> torch.Tensor:
+    return t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def test_qk_norm_attends_with_rms_normalised_queries_and_keys_of_each_head():
+    torch.manual_seed(7)
+    B, T, C, H, hd = 2, 10, 32, 4, 8
+    attn = Attention(small(qk_norm=True, bias=True))
+    with torch.no_grad():
+        attn.qkv.bias.normal_()  # zero at init: not a test of the bias
+    x = torch.randn(B, T, C)
+    q, k, v = (x @ attn.qkv.weight.T + attn.qkv.bias).split(C, dim=-1)
+    q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in (q, k, v))
+    scores = rms(q) @ rms(k).transpose(-1, -2) / math.sqrt(hd)
+    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    heads = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
+    expected = heads @ attn.proj.weight.T + attn.proj.bias
+    torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+    plain = Attention(small(qk_norm=False, bias=True))
+    plain.load_state_dict(attn.state_dict())
+    assert not torch.allclose(plain(x), expected, atol=1e-3)
+    # Before or after rotary is the same: a rotation keeps each head's norm.
+    cos, sin = rotary_tables(small(), T)
+    torch.testing.assert_close(apply_rotary(rms(q), cos, sin), rms(apply_rotary(q, cos, sin)))
+
+
+def test_the_relu2_mlp_is_down_of_the_square_of_relu_of_up():
+    torch.manual_seed(8)
+    mlp = MLP(small(mlp="relu2", bias=True))
+    with torch.no_grad():
+        mlp.up.bias.normal_()
+        mlp.down.bias.normal_()
+    assert mlp.up.weight.shape == (128, 32), "two matrices of mlp_ratio x d_model, as GELU's"
+    x = torch.randn(3, 5, 32)
+    hidden = x @ mlp.up.weight.T + mlp.up.bias
+    expected = torch.where(hidden > 0, hidden * hidden, 0.0) @ mlp.down.weight.T + mlp.down.bias
+    torch.testing.assert_close(mlp(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_untied_head_is_a_parameter_of_its_own_and_it_and_the_embedding_both_learn():
+    torch.manual_seed(9)
+    tied, untied = GPT(small()), GPT(small(tie_embeddings=False))
+    assert tied.head.weight is tied.tok_emb.weight
+    assert untied.head.weight is not untied.tok_emb.weight
+    assert untied.num_params() - tied.num_params() == 97 * 32  # vocab x d_model
+    # The embedding is a lookup (no FLOPs); the head's matmul is counted once either way.
+    assert untied.flops_per_token() == tied.flops_per_token()
+    x, y = torch.randint(0, 97, (4, 24)), torch.randint(0, 97, (4, 24))
+    assert not untied.head.weight.any(), "zero at init (modded-nanogpt)"
+    assert untied(x, y)[1].item() == pytest.approx(math.log(97), abs=1e-5)
+    before = {k: v.clone() for k, v in untied.state_dict().items()}
+    opt = build_optimizer(untied, OptimizerConfig(lr=1e-2, weight_decay=0.0), "cpu")
+    for _ in range(3):
+        opt.zero_grad()
+        untied(x, y)[1].backward()
+        opt.step()
+    for name in ("head.weight", "tok_emb.weight"):
+        assert not torch.equal(untied.state_dict()[name], before[name]), name
+    assert not torch.equal(untied.head.weight, untied.tok_emb.weight)
+    reloaded = GPT(small(tie_embeddings=False))
+    reloaded.load_state_dict(untied.state_dict())
+    assert torch.equal(reloaded(x)[0], untied(x)[0])
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -135,6 +210,7 @@ def test_babygpt_matches_eir_tutorial_02_and_its_flops_are_as_written():
     [
         ({"d_model": 30, "n_heads": 4}, "not divisible by model.n_heads=4"),
         ({"mlp": "relu"}, "model.mlp must be one of"),
+        ({"mlp": "relu3"}, r"\['gelu', 'swiglu', 'relu2'\]"),
         ({"positions": "sinusoidal"}, "model.positions must be one of"),
         ({"dropout": 1.0}, "model.dropout"),
         ({"loss_chunk": -1}, "model.loss_chunk must be >= 0"),
@@ -225,3 +301,20 @@ def test_a_compiled_models_checkpoint_loads_into_an_uncompiled_one(tmp_path):
     plain = _lit(compile=False)
     plain.load_state_dict(state["state_dict"])
     assert torch.allclose(plain.gpt(idx)[0], compiled_logits, atol=1e-5)
+
+
+def test_a_checkpoint_written_before_the_speedrun_options_loads_as_it_was(tmp_path):
+    """Checkpoints whose model config has no qk_norm or tie_embeddings: tied, no QK-norm."""
+    torch.manual_seed(10)
+    lit = _lit()
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    trainer.strategy.connect(lit)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    state = torch.load(tmp_path / "m.ckpt", weights_only=True)
+    for key in ("qk_norm", "tie_embeddings"):
+        del state["hyper_parameters"]["model"][key]
+    torch.save(state, tmp_path / "old.ckpt")
+    model, _ = load_gpt(tmp_path / "old.ckpt")
+    assert model.head.weight is model.tok_emb.weight and not model.cfg.qk_norm
+    idx = torch.randint(0, 97, (2, 24))
+    assert torch.equal(model(idx)[0], lit.gpt.eval()(idx)[0])

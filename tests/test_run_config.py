@@ -219,3 +219,33 @@ def test_train_py_with_a_hub_name_offline_exits_2_in_one_line(tmp_path):
     line = one_error_line(done)
     assert "tokenizer.path=gpt2: not a local file or folder" in line
     assert "HF_HUB_OFFLINE is set" in line
+
+
+# -- experiment=nanogpt_cpu: nanoGPT's CPU recipe ------------------------------------------------
+
+
+def test_the_nanogpt_cpu_experiment_is_nanogpts_macbook_run():
+    """The values of nanoGPT's README CPU command and config/train_shakespeare_char.py (the
+    experiment file says which is which); validated as train.py would."""
+    register_configs(CONF)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=nanogpt_cpu"])
+    m, o = cfg.model, cfg.optimizer
+    assert (m.n_layers, m.n_heads, m.d_model, m.context, m.dropout) == (4, 4, 128, 64, 0.0)
+    assert (m.norm, m.mlp, m.positions, m.bias, m.tie_embeddings) == (
+        "layernorm",
+        "gelu",
+        "learned",
+        False,
+        True,
+    )
+    assert (cfg.data.stream.batch_size, cfg.data.stream.max_length) == (12, 64)
+    assert (cfg.trainer.max_steps, o.decay_steps, o.schedule) == (2000, None, "cosine")
+    assert (o.name, o.lr, list(o.betas), o.warmup_steps) == ("adamw", 1e-3, [0.9, 0.99], 100)
+    assert (o.min_lr_ratio, o.weight_decay, o.grad_clip, o.eps) == (0.1, 0.1, 1.0, 1e-8)
+    assert (cfg.tokenizer.name, cfg.trainer.precision, cfg.trainer.val_every) == (
+        "bytes",
+        "32-true",
+        250,
+    )
+    validate(cfg)

@@ -19,8 +19,8 @@ from omegaconf import MISSING, OmegaConf
 from streamgpt import command_line
 from streamgpt.command_line import register_help
 from streamgpt.data import elastic
+from streamgpt.data import tokenizer as tokenizers
 from streamgpt.data.config import StreamConfig, TokenizerConfig
-from streamgpt.data.tokenizer import is_hub_name
 from streamgpt.hf_init import check_init_from
 from streamgpt.model import GPTConfig
 from streamgpt.optim import OptimizerConfig
@@ -161,7 +161,7 @@ def validate(cfg: Any) -> None:
     require(
         all(isinstance(tag, str) and tag for tag in cfg.tags), "tags", "a list of words", cfg.tags
     )
-    _tokenizer(cfg.tokenizer, cfg.data.stream)
+    tokenizers.check_config(cfg.tokenizer, cfg.data.stream)
     require(
         cfg.peak_flops is None or cfg.peak_flops > 0,
         "peak_flops",
@@ -194,6 +194,11 @@ def _model(cfg: Any) -> None:
     if cfg.model.init_from:
         check_init_from(cfg.model)
     OptimizerConfig(**cfg.optimizer)
+    if cfg.optimizer.name == "muon" and "fsdp" in str(cfg.trainer.strategy):
+        raise ValueError(
+            "optimizer=muon orthogonalises each matrix whole and trainer.strategy=fsdp shards "
+            "them across ranks: use trainer=ddp (each rank holds whole matrices) or optimizer=adamw"
+        )
     if cfg.data.stream.max_length > cfg.model.context:
         raise ValueError(
             f"data.stream.max_length={cfg.data.stream.max_length} exceeds "
@@ -366,31 +371,3 @@ def _logger(loggers: Any) -> None:
             "true, false or all",
             log_model,
         )
-
-
-def _tokenizer(tok: Any, stream: Any) -> None:
-    require(tok.name in ("bpe", "pretrained"), "tokenizer.name", "bpe or pretrained", tok.name)
-    if tok.name == "pretrained":
-        if not tok.path:
-            raise ValueError(
-                "tokenizer=pretrained needs tokenizer.path=<tokenizer.json, a folder holding "
-                "one, or a Hugging Face hub name such as gpt2>"
-            )
-        if not Path(tok.path).exists() and not is_hub_name(tok.path):
-            raise ValueError(
-                f"tokenizer.path={tok.path}: no such file or folder (nor a hub name such as gpt2)"
-            )
-        return
-    _positive({"tokenizer.min_frequency": tok.min_frequency})
-    require(
-        tok.vocab_size >= 258,
-        "tokenizer.vocab_size",
-        ">= 258 (256 bytes + 2 special tokens)",
-        tok.vocab_size,
-    )
-    require(
-        stream.streaming_setup_samples >= 1,
-        "data.stream.streaming_setup_samples",
-        "positive (the BPE tokenizer is trained on them)",
-        stream.streaming_setup_samples,
-    )

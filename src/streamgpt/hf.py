@@ -4,17 +4,20 @@ initialised from a local GPT-2 folder (`model.init_from`, hf_init.py). transform
 only to export.
 
 Which architecture reproduces ours exactly:
-- learned positions, LayerNorm, GELU: GPT-2 (GPT2LMHeadModel). Our GELU is the exact (erf) one, so
-  activation_function is "gelu", not GPT-2's default "gelu_new" (the tanh approximation); layers
+- learned positions, LayerNorm, GELU or ReLU^2: GPT-2 (GPT2LMHeadModel). Our GELU is the exact
+  (erf) one, so activation_function is "gelu", not GPT-2's default "gelu_new" (the tanh
+  approximation); ReLU^2 is transformers' "relu2"; layers
   without bias get zero biases; LayerNorm's eps is torch's 1e-5, GPT-2's default. GPT-2's Conv1D
   keeps weights as (in, out): ours are transposed.
 - rotary positions, RMSNorm, SwiGLU: Llama (LlamaForCausalLM). Our rotary turns interleaved pairs
   (x0, x1), (x2, x3), ... of a head; Llama's turns halves (x_i, x_{i + hd/2}). The q and k rows of
   each head are reordered (as HF's convert_llama_weights_to_hf does): q.k is unchanged. Our SwiGLU
   `up` holds gate then value: Llama's gate_proj and up_proj.
-Both tie the LM head to the embedding, keep our padded vocab_size (rows beyond the tokenizer are
-never produced by it) and take the tokenizer's end-of-text token as eos and bos (documents are
-separated by it; our unconditional sampling starts from it).
+Both tie the LM head to the embedding as ours does (model.tie_embeddings=false: their own lm_head,
+tie_word_embeddings false), keep our padded vocab_size (rows beyond the tokenizer are never
+produced by it) and take the tokenizer's end-of-text token as eos and bos (documents are
+separated by it; our unconditional sampling starts from it). Neither normalises queries and keys:
+model.qk_norm=true is refused.
 """
 
 from __future__ import annotations
@@ -65,14 +68,21 @@ def _shape_text(shape: dict[str, str]) -> str:
 
 def architecture(cfg: GPTConfig) -> str:
     """'gpt2' or 'llama': the transformers architecture that computes what `cfg`'s model does."""
+    if cfg.qk_norm:
+        raise ValueError(
+            "model.qk_norm=true: neither GPT-2 nor Llama normalises queries and keys, so no "
+            "exported architecture computes this model; export supports model.qk_norm=false"
+        )
     fields = {k: getattr(cfg, k) for k in SHAPES["gpt2"]}
-    for name, shape in SHAPES.items():
-        if fields == shape:
-            return name
+    # GPT-2's MLP takes its activation from the config: ReLU^2 is transformers' "relu2".
+    if {**fields, "mlp": "gelu"} == SHAPES["gpt2"] and fields["mlp"] in ("gelu", "relu2"):
+        return "gpt2"
+    if fields == SHAPES["llama"]:
+        return "llama"
     raise ValueError(
         f"no Hugging Face architecture computes a model with "
         f"{', '.join(f'model.{k}={v}' for k, v in fields.items())}: export supports "
-        f"{_shape_text(SHAPES['gpt2'])} (GPT-2) or {_shape_text(SHAPES['llama'])} (Llama)"
+        f"{_shape_text(SHAPES['gpt2'])} or relu2 (GPT-2) or {_shape_text(SHAPES['llama'])} (Llama)"
     )
 
 
@@ -108,7 +118,12 @@ def gpt2_weights(cfg: GPTConfig, w: dict[str, torch.Tensor]) -> dict[str, torch.
         weight = w[f"{ours}.weight"]
         out[f"{theirs}.weight"] = weight.t().contiguous() if conv else weight
         out[f"{theirs}.bias"] = w.get(f"{ours}.bias", torch.zeros(weight.shape[0]))
-    return out
+    return out | untied_head(cfg, w)
+
+
+def untied_head(cfg: GPTConfig, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The LM head's own weights (both architectures call it lm_head), if it is not tied."""
+    return {} if cfg.tie_embeddings else {"lm_head.weight": w["head.weight"]}
 
 
 def halves(rows: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -136,12 +151,17 @@ def llama_weights(cfg: GPTConfig, w: dict[str, torch.Tensor]) -> dict[str, torch
             out[f"{theirs}mlp.gate_proj.{kind}"] = gate
             out[f"{theirs}mlp.up_proj.{kind}"] = value
             out[f"{theirs}mlp.down_proj.{kind}"] = w[f"{ours}mlp.down.{kind}"]
-    return {k: v.contiguous() for k, v in out.items()}
+    return {k: v.contiguous() for k, v in (out | untied_head(cfg, w)).items()}
 
 
 def hf_config(cfg: GPTConfig, kind: str, ids: dict[str, int | None]) -> dict[str, Any]:
     """The transformers config (GPT2Config or LlamaConfig keyword arguments) of our model."""
-    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": True, "dtype": "float32", **ids}
+    common = {
+        "vocab_size": cfg.vocab_size,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "dtype": "float32",
+        **ids,
+    }
     if kind == "gpt2":
         return common | {
             "n_positions": cfg.context,
@@ -149,7 +169,8 @@ def hf_config(cfg: GPTConfig, kind: str, ids: dict[str, int | None]) -> dict[str
             "n_layer": cfg.n_layers,
             "n_head": cfg.n_heads,
             "n_inner": cfg.mlp_hidden,
-            "activation_function": "gelu",  # exact GELU, as F.gelu (gelu_new is tanh's)
+            # gelu: exact, as F.gelu (gelu_new is tanh's); relu2: ReLU squared, as ours
+            "activation_function": cfg.mlp,
             "layer_norm_epsilon": LAYERNORM_EPS,
             "resid_pdrop": cfg.dropout,
             "embd_pdrop": cfg.dropout,

@@ -53,7 +53,7 @@ def check_init_from(model: Any) -> None:
     naming what differs and the overrides that fix it."""
     hf = read_gpt2_config(model.init_from)
     where = f"model.init_from={model.init_from}"
-    shape = {**SHAPES["gpt2"], "bias": True}
+    shape = {**SHAPES["gpt2"], "bias": True, "qk_norm": False}
     wrong = {k: v for k, v in shape.items() if model[k] != v}
     if wrong:
         raise ValueError(

@@ -1,9 +1,11 @@
 """BabyGPT: a decoder-only transformer in one readable file (a pure nn.Module, no Lightning).
 
 Token embedding -> positions (a learned table, or rotary in attention) -> n_layers pre-norm blocks
-of causal self-attention (F.scaled_dot_product_attention) and an MLP (GELU or SwiGLU) -> final norm
--> LM head tied to the embedding. GPT-2 initialisation, with the residual output projections
-scaled down by sqrt(2 * n_layers) so the residual stream does not grow with depth.
+of causal self-attention (F.scaled_dot_product_attention; optionally QK-norm) and an MLP (GELU,
+SwiGLU or ReLU^2) -> final norm -> LM head, tied to the embedding or its own. GPT-2
+initialisation, with the residual output projections scaled down by sqrt(2 * n_layers) so the
+residual stream does not grow with depth. QK-norm, ReLU^2 and the untied head are what the
+small-GPT speedruns (modded-nanogpt, nanochat) found helps; all are off by default.
 
 `generate` samples with a KV cache: a prompt costs one forward pass, then each new token one
 single-position pass. Past the context length every token needs the whole window again (learned
@@ -20,11 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from streamgpt.linear import Linear
 from streamgpt.losses import chunked_cross_entropy, chunked_token_nll
 
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "swiglu", "relu2")
 POSITIONS = ("learned", "rotary")
+QK_NORM_EPS = 1e-6
 
 
 @dataclass
@@ -40,8 +44,11 @@ class GPTConfig:
     mlp: str = "gelu"
     norm: str = "layernorm"
     positions: str = "learned"
+    # Each head's queries and keys RMS-normalised (no gain) before the dot product.
+    qk_norm: bool = False
     dropout: float = 0.0
     bias: bool = False
+    tie_embeddings: bool = True  # false: an LM head of its own, zero at init
     rope_theta: float = 10000.0
     # The loss from the final hidden states this many positions at a time (losses.py), so the
     # whole batch's logits (batch x context x vocab) never exist at once in a training or
@@ -84,48 +91,6 @@ class GPTConfig:
         if self.mlp == "swiglu":
             hidden = hidden * 2 / 3  # three matrices instead of two: same parameters
         return max(1, round(hidden))
-
-
-# CPUs without native bfloat16 (no AVX512-BF16 or AMX) multiply bf16 matrices fast only when the
-# second operand is transposed in memory. nn.Linear's forward is (x @ W^T: fast), but autograd
-# computes its input gradient as g @ W, which takes a kernel ~13x slower and then dominates a
-# bf16-mixed step. Linear below computes that gradient as g @ (W^T, made contiguous)^T instead:
-# same numbers, 2-3x faster bf16 training on such CPUs (scripts/bench_train.py). Elsewhere it is
-# plain nn.Linear.
-_SLOW_CPU_BF16 = not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-class _CpuBf16Linear(torch.autograd.Function):
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.bfloat16)
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cpu")
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_x = grad @ weight.t().contiguous().t()
-        flat_grad = grad.reshape(-1, grad.size(-1))
-        grad_w = flat_grad.t() @ x.reshape(-1, x.size(-1))
-        grad_b = flat_grad.sum(0) if ctx.has_bias else None
-        return grad_x, grad_w, grad_b
-
-
-class Linear(nn.Linear):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        autocast_bf16 = (
-            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        )
-        if (
-            _SLOW_CPU_BF16
-            and x.device.type == "cpu"
-            and (autocast_bf16 or x.dtype == torch.bfloat16)
-        ):
-            return _CpuBf16Linear.apply(x, self.weight, self.bias)
-        return super().forward(x)
 
 
 class RMSNorm(nn.Module):
@@ -182,6 +147,13 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.cfg.n_heads, self.cfg.head_dim).unbind(2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+        if self.cfg.qk_norm:
+            # Parameter-free, before rotary, as modded-nanogpt (nanochat normalises after: the
+            # same, since a rotation keeps the norm). Attention logits are bounded by sqrt(hd).
+            q, k = (
+                F.rms_norm(q, (q.size(-1),), eps=QK_NORM_EPS),
+                F.rms_norm(k, (k.size(-1),), eps=QK_NORM_EPS),
+            )
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         mask, causal = None, T > 1
@@ -205,6 +177,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
+        self.kind = cfg.mlp
         self.swiglu = cfg.mlp == "swiglu"
         hidden = cfg.mlp_hidden
         self.up = Linear(cfg.d_model, hidden * (2 if self.swiglu else 1), bias=cfg.bias)
@@ -215,7 +188,9 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, value = self.up(x).chunk(2, dim=-1)
             return self.down(F.silu(gate) * value)
-        return self.down(F.gelu(self.up(x)))
+        h = self.up(x)
+        # ReLU^2 (So et al. 2021, "Primer"): modded-nanogpt's MLP, ~1-2% better than GELU there.
+        return self.down(F.relu(h).square() if self.kind == "relu2" else F.gelu(h))
 
 
 class Block(nn.Module):
@@ -242,12 +217,16 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.head.weight = self.tok_emb.weight  # tied: one matrix reads and writes tokens
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight  # one matrix reads and writes tokens
         if cfg.positions == "rotary":
             cos, sin = rotary_tables(cfg, cfg.context)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init)
+        if not cfg.tie_embeddings:
+            # modded-nanogpt's untied head starts at zero: every logit 0, the first loss ln(vocab).
+            nn.init.zeros_(self.head.weight)
 
     def _init(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -270,9 +249,13 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, context: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward), PaLM / nanoGPT: 6N + 12 L d T."""
+        """Training FLOPs per token (forward + backward), PaLM / nanoGPT: 6N + 12 L d T, N
+        without an untied embedding (a lookup, no matmul; tied, it is the head's matmul)."""
         T = context or self.cfg.context
-        return 6 * self.num_params() + 12 * self.cfg.n_layers * self.cfg.d_model * T
+        n = self.num_params()
+        if not self.cfg.tie_embeddings:
+            n -= self.tok_emb.weight.numel()
+        return 6 * n + 12 * self.cfg.n_layers * self.cfg.d_model * T
 
     def forward(
         self,

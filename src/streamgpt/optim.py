@@ -6,8 +6,14 @@
   Algorithms"). Researchers sweep it against AdamW because it needs one moment instead of two
   (a third less optimizer memory) and behaves differently with batch size; its lr is typically
   3-10x smaller and its weight decay 3-10x larger than AdamW's.
-Schedule: linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `decay_steps`
-(default: the run's max_steps), flat after that.
+- muon: torch.optim.Muon (Jordan et al. 2024; the optimizer of modded-nanogpt and nanochat) for the
+  2-D weights of the transformer blocks, which step with momentum orthogonalised by Newton-Schulz,
+  at `lr`; AdamW (as adamw above) for the rest (embeddings, an untied head, norms' gains, biases)
+  at `adam_lr`. The two are one Optimizer (MuonAdamW): one LR schedule, one checkpoint state.
+Schedule, in steps up to `decay_steps` (default: the run's max_steps), flat at its floor
+`lr * min_lr_ratio` after: cosine, linear warmup to `lr` then cosine decay to the floor; wsd
+(warmup-stable-decay, modded-nanogpt's "trapezoidal"), linear warmup, flat at `lr`, then linear
+decay to the floor over the last `decay_fraction` of the steps.
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-OPTIMIZERS = ("adamw", "lion")
+OPTIMIZERS = ("adamw", "lion", "muon")
+SCHEDULES = ("cosine", "wsd")
 
 
 @dataclass
 class OptimizerConfig:
     name: str = "adamw"
-    lr: float = 3e-4
+    lr: float = 3e-4  # muon: the lr of the blocks' matrices (Muon's)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.1
     eps: float = 1e-8
@@ -34,10 +41,22 @@ class OptimizerConfig:
     decay_steps: int | None = None  # null: the trainer's max_steps
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    schedule: str = "cosine"  # cosine | wsd
+    decay_fraction: float = 0.2  # wsd: the last share of the steps, decaying linearly
+    # optimizer=muon only: AdamW's lr (the parameters Muon does not take), Muon's settings.
+    adam_lr: float | None = None
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton-Schulz iterations
+    muon_weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise ValueError(f"optimizer.name must be one of {list(OPTIMIZERS)}, got {self.name!r}")
+        for key, value, allowed in (
+            ("name", self.name, OPTIMIZERS),
+            ("schedule", self.schedule, SCHEDULES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"optimizer.{key} must be one of {list(allowed)}, got {value!r}")
         if self.lr <= 0:
             raise ValueError(f"optimizer.lr must be positive, got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -46,6 +65,34 @@ class OptimizerConfig:
             )
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("optimizer.warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(
+                f"optimizer.decay_fraction must be in (0, 1], got {self.decay_fraction}"
+            )
+        self._check_muon()
+
+    def _check_muon(self) -> None:
+        if self.name != "muon":
+            if self.adam_lr is not None:
+                raise ValueError(
+                    f"optimizer.adam_lr is the AdamW lr of optimizer=muon; optimizer={self.name} "
+                    "has one lr, optimizer.lr: drop optimizer.adam_lr"
+                )
+            return
+        if self.adam_lr is None or self.adam_lr <= 0:
+            raise ValueError(
+                "optimizer=muon needs optimizer.adam_lr, positive: the lr of what AdamW steps "
+                f"(embeddings, head, norms, biases), got {self.adam_lr}"
+            )
+        if not 0 <= self.muon_momentum < 1 or self.muon_ns_steps < 1:
+            raise ValueError(
+                "optimizer.muon_momentum must be in [0, 1) and optimizer.muon_ns_steps >= 1, got "
+                f"{self.muon_momentum} and {self.muon_ns_steps}"
+            )
+        if self.muon_weight_decay < 0:
+            raise ValueError(
+                f"optimizer.muon_weight_decay must be >= 0, got {self.muon_weight_decay}"
+            )
 
 
 class Lion(Optimizer):
@@ -72,10 +119,42 @@ class Lion(Optimizer):
         return loss
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (dim >= 2: embeddings, linear weights); not norms, biases, scalars."""
+class MuonAdamW(Optimizer):
+    """A Muon and an AdamW stepped as one optimizer: one param_groups list (Muon's first, so
+    `lr` logs Muon's), one state and so one state_dict, which the two share. A LambdaLR scales
+    every group's lr by the same factor; a checkpoint saves and restores both."""
+
+    def __init__(self, muon: Optimizer, adamw: Optimizer) -> None:
+        self.muon, self.adamw = muon, adamw
+        super().__init__([*muon.param_groups, *adamw.param_groups], {})
+        self._share()
+
+    def _share(self) -> None:
+        n = len(self.muon.param_groups)
+        self.muon.param_groups = self.param_groups[:n]
+        self.adamw.param_groups = self.param_groups[n:]
+        self.muon.state = self.adamw.state = self.state  # their parameters are disjoint
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)  # new group dicts and state: share them again
+        self._share()
+
+
+def param_groups(model: nn.Module, weight_decay: float, params=None) -> list[dict]:
+    """Decay matrices (dim >= 2: embeddings, linear weights); not norms, biases, scalars.
+    `params`: only these of the model's."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in model.parameters() if params is None else params:
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     return [
@@ -89,11 +168,37 @@ def build_optimizer(
 ) -> Optimizer:
     """`fused_ok=False` where the caller cannot use a fused step (Lightning's mixed precision
     refuses to clip the gradients of an optimizer that unscales them itself)."""
+    fused = fused_ok and device_type in ("cuda", "cpu")  # torch has fused AdamW for both
+    if cfg.name == "muon":
+        return build_muon(model, cfg, fused)
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "lion":
         return Lion(groups, lr=cfg.lr, betas=cfg.betas)
-    fused = fused_ok and device_type in ("cuda", "cpu")  # torch has fused AdamW for both
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+
+
+def build_muon(model: nn.Module, cfg: OptimizerConfig, fused: bool) -> MuonAdamW:
+    """Muon takes the blocks' 2-D weights (attention qkv and projection, MLP up and down, each as
+    one matrix); AdamW, at adam_lr, everything else as optimizer=adamw would."""
+    matrices = [p for p in model.blocks.parameters() if p.dim() == 2 and p.requires_grad]
+    owned = {id(p) for p in matrices}
+    rest = [p for p in model.parameters() if id(p) not in owned]
+    muon = torch.optim.Muon(
+        matrices,
+        lr=cfg.lr,
+        weight_decay=cfg.muon_weight_decay,
+        momentum=cfg.muon_momentum,
+        nesterov=cfg.muon_nesterov,
+        ns_steps=cfg.muon_ns_steps,
+    )
+    adamw = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay, rest),
+        lr=cfg.adam_lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        fused=fused,
+    )
+    return MuonAdamW(muon, adamw)
 
 
 def lr_factor(step: int, warmup: int, decay: int, floor: float) -> float:
@@ -106,12 +211,28 @@ def lr_factor(step: int, warmup: int, decay: int, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def wsd_factor(step: int, warmup: int, decay: int, floor: float, fraction: float) -> float:
+    """Multiplier of the peak lr at a step: linear warmup, flat at 1, then linear to `floor` over
+    the last `fraction` of the `decay` steps, flat after."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if step >= decay:
+        return floor
+    start = decay * (1 - fraction)
+    if step < start:
+        return 1.0
+    return 1 - (1 - floor) * (step - start) / (decay - start)
+
+
 def build_schedule(optimizer: Optimizer, cfg: OptimizerConfig, max_steps: int) -> LambdaLR:
     decay = cfg.decay_steps or max_steps
     if decay is None or decay <= 0:
         raise ValueError(
-            "the cosine schedule needs a length: set trainer.max_steps or optimizer.decay_steps"
+            "the lr schedule needs a length: set trainer.max_steps or optimizer.decay_steps"
         )
-    return LambdaLR(
-        optimizer, lambda step: lr_factor(step, cfg.warmup_steps, decay, cfg.min_lr_ratio)
-    )
+    warmup, floor = cfg.warmup_steps, cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        return LambdaLR(
+            optimizer, lambda s: wsd_factor(s, warmup, decay, floor, cfg.decay_fraction)
+        )
+    return LambdaLR(optimizer, lambda step: lr_factor(step, warmup, decay, floor))

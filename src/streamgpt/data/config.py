@@ -55,7 +55,8 @@ class StreamConfig:
 
 @dataclass
 class TokenizerConfig:
-    # bpe: a byte-level BPE trained on the first streamed samples; pretrained: a tokenizer.json.
+    # bpe: a byte-level BPE trained on the first streamed samples; bytes: the 256 bytes, nothing
+    # trained (vocab_size unused); pretrained: a tokenizer.json.
     name: str = "bpe"
     vocab_size: int = 8192
     min_frequency: int = 2

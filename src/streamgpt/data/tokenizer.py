@@ -1,4 +1,5 @@
-"""Tokenizers (Hugging Face `tokenizers`): a byte-level BPE trained on streamed text, or a file.
+"""Tokenizers (Hugging Face `tokenizers`): a byte-level BPE trained on streamed text, the bare
+bytes (no training), or a file.
 
 Byte-level, so any text encodes without unknown tokens; GPT-2's pre-tokenizer, so the server's
 chunks (split right after a word) tokenize exactly as the whole document would. The end-of-text
@@ -38,6 +39,27 @@ def train_bpe(
     return tok
 
 
+def byte_symbols() -> list[str]:
+    """The character GPT-2's byte-level alphabet writes for each byte 0-255: itself if printable,
+    else 256 + n for the n-th unprintable byte (ByteLevel.alphabet(), in byte order)."""
+    printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
+    unprintable = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(unprintable)) for b in range(256)]
+
+
+def byte_tokenizer(eos: str, pad: str) -> Tokenizer:
+    """Every UTF-8 byte a token whose id is its value (0-255), then eos (256) and pad (257): a
+    byte-level BPE with no merges, so bits per byte, decoding and the server read it as any other
+    (character-level on ASCII text, as nanoGPT's shakespeare_char)."""
+    vocab = {symbol: b for b, symbol in enumerate(byte_symbols())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    # No merges: where the text is split cannot change its tokens, so it is not split at all.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([eos, pad])
+    return tok
+
+
 def load(path: str | Path, eos: str) -> Tokenizer:
     path = Path(path)
     if not path.is_file():
@@ -73,6 +95,9 @@ def _make(cfg: Any, tmp: Path, sample_texts: Callable[[], list[str]]) -> None:
         load(path, cfg.eos_token)  # the file's content: a tokenizer, with the eos token
         shutil.copyfile(path, tmp)
         return
+    if cfg.name == "bytes":  # nothing to learn: no samples are streamed for it
+        byte_tokenizer(cfg.eos_token, cfg.pad_token).save(str(tmp))
+        return
     texts = sample_texts()
     if not texts:
         raise ValueError(
@@ -80,6 +105,48 @@ def _make(cfg: Any, tmp: Path, sample_texts: Callable[[], list[str]]) -> None:
         )
     tok = train_bpe(texts, cfg.vocab_size, cfg.min_frequency, cfg.eos_token, cfg.pad_token)
     tok.save(str(tmp))
+
+
+# -- checking the tokenizer group ----------------------------------------------------------------
+
+
+NAMES = ("bpe", "bytes", "pretrained")
+
+
+def check_config(tok: Any, stream: Any) -> None:
+    """The tokenizer group (and the samples a BPE trains on): one line naming the key."""
+    if tok.name not in NAMES:
+        raise ValueError(f"tokenizer.name must be bpe, bytes or pretrained, got {tok.name!r}")
+    if tok.name == "bytes":
+        return  # nothing to check: always 256 bytes + eos + pad, nothing trained
+    if tok.name == "pretrained":
+        if not tok.path:
+            raise ValueError(
+                "tokenizer=pretrained needs tokenizer.path=<tokenizer.json, a folder holding "
+                "one, or a Hugging Face hub name such as gpt2>"
+            )
+        if not Path(tok.path).exists() and not is_hub_name(tok.path):
+            raise ValueError(
+                f"tokenizer.path={tok.path}: no such file or folder (nor a hub name such as gpt2)"
+            )
+        return
+    for key, value, ok, accepted in (
+        ("tokenizer.min_frequency", tok.min_frequency, tok.min_frequency > 0, "positive"),
+        (
+            "tokenizer.vocab_size",
+            tok.vocab_size,
+            tok.vocab_size >= 258,
+            ">= 258 (256 bytes + 2 special tokens)",
+        ),
+        (
+            "data.stream.streaming_setup_samples",
+            stream.streaming_setup_samples,
+            stream.streaming_setup_samples >= 1,
+            "positive (the BPE tokenizer is trained on them)",
+        ),
+    ):
+        if not ok:
+            raise ValueError(f"{key} must be {accepted}, got {value!r}")
 
 
 # -- pretrained tokenizers: a file, a folder, or a Hugging Face hub name --------------------------
