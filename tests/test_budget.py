@@ -26,7 +26,7 @@ from streamgpt.optim import (
     timed_schedule,
 )
 
-from .helpers.runs import train
+from .helpers.runs import batches, train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -153,3 +153,20 @@ def test_a_budget_ends_a_real_run_after_the_step_it_ran_out_in_at_the_lr_floor(t
     again = train(run, *options, "resume=auto")  # resume=auto now finds that checkpoint
     assert again.returncode == 2
     assert "trainer.budget_s=30.0 times a fresh run from its process start" in again.stdout
+
+
+@pytest.mark.slow
+def test_ddp_ranks_share_the_budget_and_stop_after_the_same_step(tmp_path):
+    """Rank 1 starts later than rank 0: the deadline and the clock are rank 0's on both, or one
+    rank would stop first and leave the other waiting in an all-reduce."""
+    run = tmp_path / "run"
+    ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+    options = ["trainer.budget_s=40", "trainer.max_steps=100000", "optimizer.warmup_steps=2"]
+    done = train(run, *ddp, *options, "trainer.val_every=1000", "callbacks.checkpoint_every=1000")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads((run / "budget.json").read_text())
+    step = record["step"]
+    assert record["stopped_by_budget"] and record["previous_step_s"] < 40 <= record["last_step_s"]
+    assert sorted(batches(run, 0)) == sorted(batches(run, 1)) == list(range(1, step + 1))
+    lrs = {int(float(r["step"])): float(r["lr"]) for r in metrics(run) if r["lr"]}
+    assert lrs[step] == pytest.approx(1e-4, rel=0.03)
