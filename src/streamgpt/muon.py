@@ -59,6 +59,14 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float
     return lr
 
 
+def closure_loss(closure) -> Tensor | None:
+    """What an optimizer's step does with its closure first: run it with gradients on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Muon(torch.optim.Muon):
     """torch.optim.Muon, Newton-Schulz in `ns_dtype`. The dtype is the optimizer's, not a group
     setting: it stays out of the state_dict, so a run resumed on other hardware takes that
@@ -70,10 +78,7 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, momentum = float(group["lr"]), group["momentum"]
             for p in group["params"]:

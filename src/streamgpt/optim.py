@@ -27,7 +27,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from streamgpt.muon import NS_DTYPES, Muon, ns_dtype_for
+from streamgpt.muon import NS_DTYPES, Muon, closure_loss, ns_dtype_for
 
 OPTIMIZERS = ("adamw", "lion", "muon")
 SCHEDULES = ("cosine", "wsd")
@@ -108,10 +108,7 @@ class Lion(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -142,10 +139,7 @@ class MuonAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         self.muon.step()
         self.adamw.step()
         return loss
