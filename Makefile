@@ -45,12 +45,14 @@ lint: install ## ruff lint and format check
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-bench: data ## Run the benchmarks (figures go in BENCHMARKS.md; ~50 min on 2 cores)
+bench: data ## Run the benchmarks (figures go in BENCHMARKS.md; about an hour on 2 cores)
 	$(PY) scripts/bench_server.py
 	$(PY) scripts/bench_pipeline.py
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_stream.py
 	$(PY) scripts/bench_startup.py
+	$(PY) scripts/bench_memory.py
+	$(PY) scripts/bench_muon.py
 
 clean: ## Remove the venv, caches and run outputs (keeps the downloaded corpus)
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

@@ -91,6 +91,18 @@ frames = st.one_of(
 )
 
 
+def against_a_server(max_examples: int) -> settings:
+    """Hypothesis settings for fuzzing a live server: reproducible examples, no deadline (a reply
+    takes what the machine gives it), no saved database."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+
+
 @pytest.fixture(scope="module")
 def fuzz_server(shakespeare):
     from streamgpt.server import StreamServer
@@ -158,13 +170,7 @@ def test_fuzzed_requests_get_the_documented_answer_and_never_disturb_others(
         return c
 
     # Derandomized: the same 400 frames on every run, so a failure reproduces.
-    @settings(
-        max_examples=400,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @against_a_server(max_examples=400)
     @given(frame=frames)
     @example(frame='{"type": "getData", "payload": {"batch_size": 1}}')  # the valid range's ends
     @example(frame='{"type": "getData", "payload": {"batch_size": 32}}')
@@ -405,13 +411,7 @@ def test_fuzzed_binary_frames_get_malformed_json_and_token_readers_read_on(
     answered: collections.Counter[str] = collections.Counter()
     frames_read = token_reader.frames
 
-    @settings(
-        max_examples=300,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @against_a_server(max_examples=300)
     @given(frame=binary_frames)
     @example(frame=(1.0, b""))  # the frame sent back whole
     @example(frame=(0.0, b"SGT1\x05"))  # a truncated fixed part
@@ -525,13 +525,7 @@ def test_fuzzed_uploads_get_the_documented_error_and_token_readers_read_on(
     answered: collections.Counter[str] = collections.Counter()
     frames_read = token_reader.frames
 
-    @settings(
-        max_examples=300,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @against_a_server(max_examples=300)
     @given(payload=uploads)
     @example(payload={"sha256": sha(padded(0)), "tokenizer_json": padded(0)})  # at the limit
     @example(payload={"sha256": sha(padded(1)), "tokenizer_json": padded(1)})  # a byte over

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import lightning as L
@@ -21,6 +22,7 @@ from streamgpt.data.client import put_tokenizer_request
 from streamgpt.data.config import ElasticConfig
 from streamgpt.server import StreamServer
 from streamgpt.server.config import LimitsConfig
+from streamgpt.server.token_cache import TokenCache
 
 from .helpers.core_server import CoreOnlyServer
 from .helpers.runs import train
@@ -103,6 +105,31 @@ def test_a_run_on_tokens_trains_the_same_batches_as_a_run_on_text(
     assert_same_batches(got, text)
     assert batch_log(run) == batch_log(text_dir), "the same ids and token hashes, batch by batch"
     assert any("tokens=uint16" in r.getMessage() for r in caplog.records), "it read tokens"
+
+
+def test_a_run_on_tokens_from_the_servers_token_cache_trains_the_same_batches_as_text(
+    shakespeare, tokenizer, text_run, tmp_path
+):
+    """The server's token cache (tokens.cache) is only where the ids come from: with the entry
+    ready before the run starts, every frame is sliced from it and the batches are text's."""
+    cache = TokenCache(tmp_path / "cache")
+    running = RunningServer(StreamServer(shakespeare, port=0, token_cache=cache))
+    try:
+        warm = fit(running.url, tmp_path / "warm", tokenizer, tokens=True)  # starts the build
+        assert_same_batches(warm, text_run[0])
+        deadline = time.monotonic() + 60
+        while [e["state"] for e in cache.status()["entries"]] != ["ready"]:
+            assert time.monotonic() < deadline, f"the entry is not ready: {cache.status()}"
+            time.sleep(0.1)
+        before = cache.status()
+        got = fit(running.url, tmp_path / "tokens", tokenizer, tokens=True)
+        after = cache.status()
+    finally:
+        running.stop()
+    assert_same_batches(got, text_run[0])
+    assert batch_log(tmp_path / "tokens") == batch_log(text_run[1])
+    assert after["samples_tokenized"] == before["samples_tokenized"], "nothing tokenized on the fly"
+    assert after["samples_from_cache"] > before["samples_from_cache"], "the frames read the cache"
 
 
 def test_a_run_on_tokens_resumed_from_a_checkpoint_continues_with_the_same_batches(

@@ -22,6 +22,7 @@ from streamgpt.data import elastic
 from streamgpt.data import tokenizer as tokenizers
 from streamgpt.data.config import StreamConfig, TokenizerConfig
 from streamgpt.hf_init import check_init_from
+from streamgpt.linear import cpu_has_native_bf16
 from streamgpt.model import GPTConfig
 from streamgpt.optim import OptimizerConfig
 from streamgpt.server.config import CONF as SERVER_CONF
@@ -299,7 +300,7 @@ def _precision(precision: str, accelerator: str) -> None:
             f"precision={precision} needs a GPU (float16 autocast on a CPU is not supported by "
             "Lightning); on a CPU use precision=32-true, or bf16-mixed"
         )
-    if precision.startswith("bf16") and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if precision.startswith("bf16") and not cpu_has_native_bf16():
         log.warning(
             "precision=%s on a CPU without native bfloat16 (no AVX512-BF16 or AMX): it runs, "
             "but matrix products are several times slower than float32 here "

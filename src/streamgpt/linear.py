@@ -12,7 +12,14 @@ from torch import nn
 # bf16-mixed step. Linear below computes that gradient as g @ (W^T, made contiguous)^T instead:
 # same numbers, 2-3x faster bf16 training on such CPUs (scripts/bench_train.py). Elsewhere it is
 # plain nn.Linear.
-_SLOW_CPU_BF16 = not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), as oneDNN sees it."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+_SLOW_CPU_BF16 = not cpu_has_native_bf16()
 
 
 class _CpuBf16Linear(torch.autograd.Function):

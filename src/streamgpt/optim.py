@@ -8,8 +8,9 @@
   3-10x smaller and its weight decay 3-10x larger than AdamW's.
 - muon: torch.optim.Muon (Jordan et al. 2024; the optimizer of modded-nanogpt and nanochat) for the
   2-D weights of the transformer blocks, which step with momentum orthogonalised by Newton-Schulz,
-  at `lr`; AdamW (as adamw above) for the rest (embeddings, an untied head, norms' gains, biases)
-  at `adam_lr`. The two are one Optimizer (MuonAdamW): one LR schedule, one checkpoint state.
+  at `lr` (streamgpt.muon: torch's step, with Newton-Schulz in float32 where bfloat16 is slow);
+  AdamW (as adamw above) for the rest (embeddings, an untied head, norms' gains, biases) at
+  `adam_lr`. The two are one Optimizer (MuonAdamW): one LR schedule, one checkpoint state.
 Schedule, in steps up to `decay_steps` (default: the run's max_steps), flat at its floor
 `lr * min_lr_ratio` after: cosine, linear warmup to `lr` then cosine decay to the floor; wsd
 (warmup-stable-decay, modded-nanogpt's "trapezoidal"), linear warmup, flat at `lr`, then linear
@@ -30,6 +31,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
+
+from streamgpt.muon import NS_DTYPES, Muon, closure_loss, ns_dtype_for
 
 OPTIMIZERS = ("adamw", "lion", "muon")
 SCHEDULES = ("cosine", "wsd")
@@ -54,11 +57,13 @@ class OptimizerConfig:
     muon_nesterov: bool = True
     muon_ns_steps: int = 5  # Newton-Schulz iterations
     muon_weight_decay: float = 0.0
+    muon_ns_dtype: str = "auto"  # auto | bfloat16 | float32 (auto: float32 where bf16 is slow)
 
     def __post_init__(self) -> None:
         for key, value, allowed in (
             ("name", self.name, OPTIMIZERS),
             ("schedule", self.schedule, SCHEDULES),
+            ("muon_ns_dtype", self.muon_ns_dtype, NS_DTYPES),
         ):
             if value not in allowed:
                 raise ValueError(f"optimizer.{key} must be one of {list(allowed)}, got {value!r}")
@@ -108,10 +113,7 @@ class Lion(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -142,10 +144,7 @@ class MuonAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         self.muon.step()
         self.adamw.step()
         return loss
@@ -175,21 +174,22 @@ def build_optimizer(
     refuses to clip the gradients of an optimizer that unscales them itself)."""
     fused = fused_ok and device_type in ("cuda", "cpu")  # torch has fused AdamW for both
     if cfg.name == "muon":
-        return build_muon(model, cfg, fused)
+        return build_muon(model, cfg, device_type, fused)
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "lion":
         return Lion(groups, lr=cfg.lr, betas=cfg.betas)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
 
 
-def build_muon(model: nn.Module, cfg: OptimizerConfig, fused: bool) -> MuonAdamW:
+def build_muon(model: nn.Module, cfg: OptimizerConfig, device_type: str, fused: bool) -> MuonAdamW:
     """Muon takes the blocks' 2-D weights (attention qkv and projection, MLP up and down, each as
     one matrix); AdamW, at adam_lr, everything else as optimizer=adamw would."""
     matrices = [p for p in model.blocks.parameters() if p.dim() == 2 and p.requires_grad]
     owned = {id(p) for p in matrices}
     rest = [p for p in model.parameters() if id(p) not in owned]
-    muon = torch.optim.Muon(
+    muon = Muon(
         matrices,
+        ns_dtype=ns_dtype_for(cfg.muon_ns_dtype, device_type),
         lr=cfg.lr,
         weight_decay=cfg.muon_weight_decay,
         momentum=cfg.muon_momentum,
