@@ -91,6 +91,10 @@ def test_checkpoints_keep_the_best_plus_last_and_load(trained):
     files = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "last.ckpt" in files and any(f.startswith("step=0000010-val_loss=") for f in files)
     assert not any(f.endswith(".tmp") for f in files)
+    # The run ended at step 12, between checkpoint steps: last.ckpt is what it ended with, and
+    # not ranked (step 12 was not validated).
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 12 and not any(f.startswith("step=0000012") for f in files)
     loaded = GPTModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
     assert loaded.hparams.model["vocab_size"] % 64 == 0
 

@@ -85,10 +85,9 @@ def test_bits_per_byte_counts_the_bytes_of_the_text_the_targets_cover(fake_run, 
     tokenizer = Tokenizer.from_file(str(fake_run / "tokenizer.json"))
     # The document as the server's files source serves it: stripped, ended by the eos token.
     ids = tokenizer.encode(TEXT.strip() + EOS, add_special_tokens=False).ids
-    first = len(tokenizer.decode([ids[0]]).encode())
-    assert record["tokens"] == len(ids) - 1, "every token but the first is a target"
-    assert record["bytes"] == len(TEXT.strip().encode()) - first
-    assert record["sequences"] == math.ceil((len(ids) - 1) / 32)
+    assert record["tokens"] == len(ids), "every token is a target, after an eos, the first too"
+    assert record["bytes"] == len(TEXT.strip().encode()), "every byte of the text is scored"
+    assert record["sequences"] == math.ceil(len(ids) / 32)
     # An untrained model: about ln(vocab) nats per token, spread over the bytes of a token.
     assert abs(record["loss"] - math.log(pad_vocab(400))) < 0.5
     nats_per_byte = record["bpb"] * math.log(2)

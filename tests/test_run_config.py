@@ -248,4 +248,6 @@ def test_the_nanogpt_cpu_experiment_is_nanogpts_macbook_run():
         "32-true",
         250,
     )
+    # nanoGPT's evaluation costs 2 x eval_iters batches and it samples only after training.
+    assert (cfg.trainer.limit_val_batches, cfg.callbacks.sample_every) == (40, 2000)
     validate(cfg)

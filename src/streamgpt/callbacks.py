@@ -2,7 +2,8 @@
 
 - SampleGenerations: text from fixed prompts and unconditional samples every `every` steps.
 - LossCurve: training_curve_LOSS.png (train and validation loss against steps and tokens).
-- StepCheckpoint: checkpoints every `every` steps, the best n by val/loss plus last.ckpt.
+- StepCheckpoint: checkpoints every `every` steps, the best n by val/loss plus last.ckpt (and
+  the final step's).
 - StepProgressBar: optimizer steps out of max_steps (resumed runs too), not epochs.
 How a run measures itself is in monitors.py, how it ends early in endings.py.
 All files are written atomically (a temporary file renamed into place).
@@ -190,7 +191,9 @@ class StepCheckpoint(ModelCheckpoint):
 
     Saved right after that step's validation, so the ranking uses the fresh val/loss (validation
     must run at those steps: `every` a multiple of the validation interval). Without validation,
-    the newest checkpoint is kept.
+    the newest checkpoint is kept. A run that ends between those steps (trainer.budget_s, or
+    max_steps not a multiple of `every`) saves its final step too, so last.ckpt is what it ended
+    with.
     """
 
     def __init__(self, dirpath: str | Path, every: int, n_saved: int, validation: bool) -> None:
@@ -208,6 +211,7 @@ class StepCheckpoint(ModelCheckpoint):
         )
         self.every = every
         self.validation = validation
+        self._validated = -1  # the step of the latest validation
 
     def _due(self, trainer: L.Trainer) -> bool:
         step = trainer.global_step
@@ -229,8 +233,18 @@ class StepCheckpoint(ModelCheckpoint):
             self._save_now(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
+        self._validated = trainer.global_step
         if self.validation and self._due(trainer):
             self._save_now(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        step = trainer.global_step
+        if self.every <= 0 or step == 0 or self._should_skip_saving_checkpoint(trainer):
+            return super().on_train_end(trainer, pl_module)
+        if self.validation and self._validated != step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))  # not ranked
+        else:
+            self._save_now(trainer)  # e.g. a budget's stop: Lightning validated this step
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         pass  # a stream has no epochs worth a checkpoint

@@ -16,7 +16,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from streamgpt import command_line
+from streamgpt import budget, command_line
 from streamgpt.command_line import register_help
 from streamgpt.data import elastic
 from streamgpt.data import tokenizer as tokenizers
@@ -57,7 +57,8 @@ class TrainerConfig:
     strategy: str = "auto"
     num_nodes: int = 1
     precision: str = "32-true"  # set by the precision group: precision=bf16-mixed
-    max_steps: int = 400
+    max_steps: int = 400  # an upper bound when budget_s is set
+    budget_s: float | None = None  # seconds from the process start (budget.py); null: no limit
     val_every: int = 100  # validation every this many steps
     limit_val_batches: Any = 1.0
     log_every_n_steps: int = 10
@@ -154,6 +155,7 @@ def validate(cfg: Any) -> None:
     _model(cfg)
     _stream(cfg.data.stream)
     _trainer(cfg.trainer)
+    budget.check_config(cfg)
     elastic.check_config(cfg)
     _callbacks(cfg.callbacks, cfg)
     _resume(cfg)

@@ -2,18 +2,23 @@
 
 - GracefulStop: on SIGINT / SIGTERM / SLURM's requeue signal, a checkpoint of the step, then exit.
 - StreamEndSync: all ranks stop after the same step when a finite stream runs out.
+- TimeBudget: trainer.budget_s (budget.py) ends the run at the first step end past it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
+from streamgpt.atomic import write_atomic
+from streamgpt.perf import STARTUP
 from streamgpt.signals import SIGNALS, Stopped, StopSignals, requeue
 
 if TYPE_CHECKING:
@@ -100,3 +105,66 @@ class StreamEndSync(L.Callback):
         ended = trainer.strategy.reduce_boolean_decision(self.datamodule.saw_last_batch, all=False)
         if ended:
             trainer.should_stop = True
+
+
+class TimeBudget(L.Callback):
+    """Ends training after the optimizer step during which `budget_s` seconds from the process's
+    start ran out (perf.STARTUP: start-up included; a multirun job from its own start), and is the
+    clock the lr schedule follows (optim.timed_schedule reads `now` and `deadline`).
+
+    `now` is read just before each optimizer step, rank 0's on every rank (the ranks step the same
+    lr and stop after the same step): the scheduler, stepped right after the optimizer, sets the
+    next step's lr from it, and the stopping step logs the floor. Validation, samples and
+    last.ckpt of the stopping step are written as at any end (Lightning validates when a callback
+    stops it). <run>/budget.json records the stop: the step, the clock at it and at the step
+    before, the tokens trained, all in seconds from the process start.
+    """
+
+    def __init__(self, budget_s: float, run_dir: str | Path) -> None:
+        self.budget_s = budget_s
+        self.began = STARTUP.began()
+        self.deadline = self.began + budget_s
+        self.now = self.previous = self.train_start = time.time()
+        self.stopped_at: int | None = None
+        self._stepped = False  # an optimizer step since the last batch end (not an accumulation)
+        self.path = Path(run_dir) / "budget.json"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:  # before configure_optimizers builds the schedule on it
+            self.began, self.now = trainer.strategy.broadcast((self.began, time.time()))
+            self.deadline = self.began + self.budget_s
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.train_start = time.time()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        now = time.time()
+        if trainer.world_size > 1:
+            now = trainer.strategy.broadcast(now)
+        self.previous, self.now, self._stepped = self.now, now, True
+
+    def on_train_batch_end(self, trainer, pl_module, *args: Any) -> None:
+        if self._stepped and self.now >= self.deadline and self.stopped_at is None:
+            self.stopped_at = trainer.global_step
+            trainer.should_stop = True
+            log.info(
+                "trainer.budget_s=%g ran out: stopping after step %d (%.1f s from the start)",
+                self.budget_s,
+                trainer.global_step,
+                self.now - self.began,
+            )
+        self._stepped = False
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        record = {
+            "budget_s": self.budget_s,
+            "stopped_by_budget": self.stopped_at is not None,
+            "step": trainer.global_step,
+            "tokens": getattr(pl_module, "tokens_seen", None),
+            "train_start_s": self.train_start - self.began,  # start-up: process start to fit
+            "previous_step_s": self.previous - self.began,  # the clock at the step before
+            "last_step_s": self.now - self.began,  # and at the last step
+        }
+        write_atomic(self.path, json.dumps(record, indent=2) + "\n")

@@ -32,6 +32,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from streamgpt.budget import check_resume
 from streamgpt.checkpoints import adopt_run_files, find_checkpoint
 from streamgpt.data.client import Connection, StreamError, token_from_env
 from streamgpt.data.stream_setup import StreamSetup
@@ -121,6 +122,7 @@ class HeadStart:
             self.server = launch_embedded_server(self.cfg, self.run_dir)
         try:  # while the server starts: the checkpoint, whose run's tokenizer a resume keeps
             self.checkpoint = find_checkpoint(self.cfg.ckpt_path, self.cfg.resume, self.run_dir)
+            check_resume(self.cfg.trainer.budget_s, self.checkpoint)  # resume=auto found one
             if self.checkpoint is not None:
                 adopt_run_files(self.checkpoint, self.run_dir)
         except BaseException:

@@ -27,7 +27,7 @@ import torch
 from streamgpt.bpb import bits_per_byte, nll_sums_by_group, token_nll_sums
 from streamgpt.hf_init import init_from_gpt2
 from streamgpt.model import GPT, GPTConfig
-from streamgpt.optim import OptimizerConfig, build_optimizer, build_schedule
+from streamgpt.optim import Clock, OptimizerConfig, build_optimizer, build_schedule
 from streamgpt.perf import STARTUP
 
 log = logging.getLogger("streamgpt")
@@ -59,6 +59,8 @@ class GPTModule(L.LightningModule):
         self.model: GPT | None = None
         self.tokens_seen = 0
         self.hooks_done: float | None = None
+        # A wall-clock budget's clock (endings.TimeBudget, set by run.py): the lr follows time.
+        self.clock: Clock | None = None
         self._val_sum = self._val_count = 0.0
         self._val_bytes: torch.Tensor | None = None  # bpb.nll_sums, summed over the batches
         self._val_names: list[str] = []  # a mixture's components with validation windows
@@ -183,7 +185,7 @@ class GPTModule(L.LightningModule):
         mixed = str(self.trainer.precision).endswith("-mixed")
         fused_ok = not (mixed and self.optim_cfg.grad_clip > 0)
         optimizer = build_optimizer(self.gpt, self.optim_cfg, self.device.type, fused_ok)
-        schedule = build_schedule(optimizer, self.optim_cfg, self.trainer.max_steps)
+        schedule = build_schedule(optimizer, self.optim_cfg, self.trainer.max_steps, self.clock)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def configure_gradient_clipping(

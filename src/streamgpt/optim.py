@@ -14,13 +14,18 @@
 Schedule, in steps up to `decay_steps` (default: the run's max_steps), flat at its floor
 `lr * min_lr_ratio` after: cosine, linear warmup to `lr` then cosine decay to the floor; wsd
 (warmup-stable-decay, modded-nanogpt's "trapezoidal"), linear warmup, flat at `lr`, then linear
-decay to the floor over the last `decay_fraction` of the steps.
+decay to the floor over the last `decay_fraction` of the steps. With a wall-clock budget
+(trainer.budget_s) the schedule follows time instead: warmup in steps, then its progress is the
+share of the time from warmup's end to the budget's end spent, so it reaches the floor when the
+budget ends whatever the steps per second (`timed_schedule`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -224,7 +229,54 @@ def wsd_factor(step: int, warmup: int, decay: int, floor: float, fraction: float
     return 1 - (1 - floor) * (step - start) / (decay - start)
 
 
-def build_schedule(optimizer: Optimizer, cfg: OptimizerConfig, max_steps: int) -> LambdaLR:
+class Clock(Protocol):
+    """What a timed schedule reads (endings.TimeBudget): the time of the last step's end and the
+    budget's end, in seconds since the epoch, the same on every rank."""
+
+    now: float
+    deadline: float
+
+
+def time_progress(now: float, start: float, deadline: float) -> float:
+    """The share of the time from `start` to `deadline` spent at `now`, in [0, 1] (1 when the
+    deadline is already behind `start`)."""
+    if deadline <= start:
+        return 1.0
+    return min(1.0, max(0.0, (now - start) / (deadline - start)))
+
+
+def timed_factor(progress: float, floor: float, schedule: str, fraction: float) -> float:
+    """Multiplier of the peak lr after warmup at `progress` (time_progress): cosine from 1 to
+    `floor`; or wsd, flat at 1 until the last `fraction` of the time, then linear to `floor`."""
+    if schedule == "wsd":
+        start = 1 - fraction
+        return 1.0 if progress < start else 1 - (1 - floor) * (progress - start) / fraction
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def timed_schedule(cfg: OptimizerConfig, clock: Clock) -> Callable[[int], float]:
+    """The lr multiplier at a step when a wall-clock budget sets the run's length: linear warmup
+    over `warmup_steps`, then timed_factor of the time spent since warmup ended."""
+    warmup, ended = cfg.warmup_steps, []
+
+    # A closure, not an object: LambdaLR saves an object's attributes in the checkpoint.
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if not ended:
+            ended.append(clock.now)  # warmup's end: the schedule's time starts here
+        progress = time_progress(clock.now, ended[0], clock.deadline)
+        return timed_factor(progress, cfg.min_lr_ratio, cfg.schedule, cfg.decay_fraction)
+
+    return factor
+
+
+def build_schedule(
+    optimizer: Optimizer, cfg: OptimizerConfig, max_steps: int, clock: Clock | None = None
+) -> LambdaLR:
+    """The lr schedule over `max_steps` (or optimizer.decay_steps); over time with a `clock`."""
+    if clock is not None:
+        return LambdaLR(optimizer, timed_schedule(cfg, clock))
     decay = cfg.decay_steps or max_steps
     if decay is None or decay <= 0:
         raise ValueError(

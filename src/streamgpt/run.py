@@ -29,7 +29,7 @@ from streamgpt.callbacks import LossCurve, SampleGenerations, StepCheckpoint, St
 from streamgpt.checkpoint_io import AtomicCheckpointIO
 from streamgpt.config import gpt_fields
 from streamgpt.data import StreamDataModule
-from streamgpt.endings import GracefulStop, StreamEndSync
+from streamgpt.endings import GracefulStop, StreamEndSync, TimeBudget
 from streamgpt.flops import Peak, device_peak
 from streamgpt.headstart import HeadStart, RunInputs, global_rank, local_rank
 from streamgpt.lit_module import GPTModule, pad_vocab
@@ -76,6 +76,8 @@ def train(cfg: DictConfig, head: HeadStart) -> float | None:
         callbacks = build_callbacks(
             cfg, run_dir, inputs, datamodule, tokenizer, peak, head.server_pid
         )
+        # With trainer.budget_s, the lr schedule follows the budget's time.
+        model.clock = next((c for c in callbacks if isinstance(c, TimeBudget)), None)
         trainer = build_trainer(cfg, run_dir, loggers, callbacks, inputs.stream.valid_size > 0)
         STARTUP.mark("trainer object")
         trainer.fit(model, datamodule=datamodule, ckpt_path=inputs.checkpoint)
@@ -147,6 +149,7 @@ def build_callbacks(
         ThroughputMonitor(peak.flops),  # first: it times the step before the other callbacks run
         GracefulStop(checkpoints),  # before the end-of-training callbacks: a stop skips them
         StreamEndSync(datamodule),
+        *([TimeBudget(cfg.trainer.budget_s, run_dir)] if cfg.trainer.budget_s else []),
         MixtureTokens(datamodule),  # after the callbacks that stop: the last step is logged
         SampleGenerations(
             run_dir,

@@ -9,7 +9,10 @@
 
 Files and streams are evaluated document by document in the order of their keys (a stream's
 sample ids are `<key>#<chunk>`), so the same documents give the same figures whichever way they
-come. Their last, shorter window is evaluated too: every token but the first is a target.
+come. Every token is a target, the first document's first one too (predicted after an
+end-of-text token, as every other document's first token is, and as training sees them), and
+their last, shorter window is evaluated: the bytes scored are all the text's, whatever the
+tokenizer, so runs with different tokenizers are scored on exactly the same bytes.
 """
 
 from __future__ import annotations
@@ -99,15 +102,14 @@ def held_out(
 def documents(
     keyed: list[tuple[str, str]], tokenizer: Tokenizer, eos: str, max_length: int, batch_size: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(key, text ending with the eos token) documents, in key order, packed and batched."""
+    """(key, text ending with the eos token) documents, in key order, after an eos token (so
+    the first token is a target too), packed and batched."""
     texts = [text for _, text in sorted(keyed)]
     if not any(t.removesuffix(eos).strip() for t in texts):
         raise ValueError("the text to evaluate is empty")
-    tokens = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
-    windows = pack(tokens, max_length, keep_tail=True)
-    if not windows:
-        raise ValueError("the text to evaluate is a single token: nothing to predict")
-    return batch(windows, batch_size)
+    tokens = [[tokenizer.token_to_id(eos)]]
+    tokens += [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return batch(pack(tokens, max_length, keep_tail=True), batch_size)
 
 
 def from_files(
