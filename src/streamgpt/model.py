@@ -1,11 +1,12 @@
 """BabyGPT: a decoder-only transformer in one readable file (a pure nn.Module, no Lightning).
 
 Token embedding -> positions (a learned table, or rotary in attention) -> n_layers pre-norm blocks
-of causal self-attention (F.scaled_dot_product_attention; optionally QK-norm) and an MLP (GELU,
-SwiGLU or ReLU^2) -> final norm -> LM head, tied to the embedding or its own. GPT-2
-initialisation, with the residual output projections scaled down by sqrt(2 * n_layers) so the
-residual stream does not grow with depth. QK-norm, ReLU^2 and the untied head are what the
-small-GPT speedruns (modded-nanogpt, nanochat) found helps; all are off by default.
+of causal self-attention (F.scaled_dot_product_attention, or attention.py's when training with
+dropout on a CPU; optionally QK-norm) and an MLP (GELU, SwiGLU or ReLU^2) -> final norm -> LM head,
+tied to the embedding or its own. GPT-2 initialisation, with the residual output projections
+scaled down by sqrt(2 * n_layers) so the residual stream does not grow with depth. QK-norm, ReLU^2
+and the untied head are what the small-GPT speedruns (modded-nanogpt, nanochat) found helps; all
+are off by default.
 
 `generate` samples with a KV cache: a prompt costs one forward pass, then each new token one
 single-position pass. Past the context length every token needs the whole window again (learned
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from streamgpt.attention import causal_dropout_attention, use_chunked
 from streamgpt.linear import Linear
 from streamgpt.losses import chunked_cross_entropy, chunked_token_nll
 
@@ -170,7 +172,12 @@ class Attention(nn.Module):
             cache.k[layer, :, :, :T] = k
             cache.v[layer, :, :, :T] = v
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        if use_chunked(q, p, causal, mask):  # the CPU's SDPA keeps 4 (B, H, T, T) per layer
+            y = causal_dropout_attention(q, k, v, p)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal
+            )
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
