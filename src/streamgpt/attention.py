@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from streamgpt.dropout import draw_keep, exact
+
 # Scores per chunk (rows x T x T): 2^17 floats, 512 kB, so the few (T, T) temporaries of a chunk
 # stay in cache. Of 2^14 .. 2^18 the fastest here (scripts/bench_memory.py --attention).
 CHUNK_SCORES = 1 << 17
@@ -68,24 +70,6 @@ def causal_dropout_attention(
         return _CausalDropoutAttention.apply(q, k, v.to(q.dtype), dropout, generator, keep)
 
 
-def _exact(dropout: float) -> float:
-    """The drop probability _draw_keep realises: p rounded to a multiple of 2^-16 (off by at
-    most 7.7e-6); outputs are scaled by 1 / (1 - this), so the expectation stays exact."""
-    return round(dropout * 65536) / 65536
-
-
-def _draw_keep(keep: torch.Tensor, dropout: float, generator: torch.Generator | None) -> None:
-    """Fill the bool tensor keep with True at probability 1 - _exact(dropout).
-
-    16 random bits per element, four from each 64-bit draw: torch.rand makes one float per draw
-    and was 3x slower here, the largest single cost of the attention."""
-    n = keep.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=keep.device)
-    bits.random_(-(2**63), None, generator=generator)  # all 64 bits uniform
-    threshold = -32768 + round(dropout * 65536)
-    torch.ge(bits.view(torch.int16)[:n].view(keep.shape), threshold, out=keep)
-
-
 def _rows_per_chunk(T: int) -> int:
     return max(1, CHUNK_SCORES // (T * T))
 
@@ -115,11 +99,11 @@ class _CausalDropoutAttention(torch.autograd.Function):
             torch.add(row_max, row_sum.log(), out=lse[lo:hi])
             if dropout:
                 if draw:
-                    _draw_keep(keep3[lo:hi], dropout, generator)
+                    draw_keep(keep3[lo:hi], dropout, generator)
                 e.mul_(keep3[lo:hi])
             # Normalise (softmax) and undo the dropout's shrinkage on (T, hd), not on (T, T).
             torch.bmm(e, v3[lo:hi], out=out[lo:hi])
-            out[lo:hi].div_(row_sum * (1.0 - _exact(dropout)))
+            out[lo:hi].div_(row_sum * (1.0 - exact(dropout)))
         ctx.save_for_backward(q3, k3, v3, keep3, out, lse)
         ctx.dropout, ctx.shape = dropout, (B, H, T, hd)
         return out.view(B, H, T, hd)
@@ -132,7 +116,7 @@ class _CausalDropoutAttention(torch.autograd.Function):
         d_out = grad_out.reshape(B * H, T, hd)
         # D_i = sum_j P_ij dP_ij = dO_i . out_i, the softmax backward's row term.
         delta = (d_out * out).sum(-1, keepdim=True)
-        d_out = d_out * (1.0 / (1.0 - _exact(dropout)))  # the dropout's scale, on (T, hd)
+        d_out = d_out * (1.0 / (1.0 - exact(dropout)))  # the dropout's scale, on (T, hd)
         dq, dk, dv = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
         future = _future(T, q3.device)
         for lo in range(0, B * H, rows):

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamgpt.attention import causal_dropout_attention, use_chunked
-from streamgpt.linear import Linear
+from streamgpt.dropout import Dropout
+from streamgpt.linear import Linear, gelu_linear
 from streamgpt.losses import chunked_cross_entropy, chunked_token_nll
 
 NORMS = ("layernorm", "rmsnorm")
@@ -197,7 +198,9 @@ class MLP(nn.Module):
             return self.down(F.silu(gate) * value)
         h = self.up(x)
         # ReLU^2 (So et al. 2021, "Primer"): modded-nanogpt's MLP, ~1-2% better than GELU there.
-        return self.down(F.relu(h).square() if self.kind == "relu2" else F.gelu(h))
+        if self.kind == "relu2":
+            return self.down(F.relu(h).square())
+        return gelu_linear(h, self.down)
 
 
 class Block(nn.Module):
@@ -205,7 +208,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.attn = make_norm(cfg), Attention(cfg)
         self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x, rope=None, cache=None, layer=0) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm1(x), rope, cache, layer))
@@ -220,7 +223,7 @@ class GPT(nn.Module):
         self.pos_emb = (
             nn.Embedding(cfg.context, cfg.d_model) if cfg.positions == "learned" else None
         )
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
