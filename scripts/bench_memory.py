@@ -1,16 +1,19 @@
 """Peak memory and speed of a training step with the loss from full logits and chunked
 (model.loss_chunk, losses.py), for experiment=streaming_tutorial's shapes: batch 256 x 64,
-vocabulary 8192, the streaming_tutorial model.
+vocabulary 8192, the streaming_tutorial model as its config file has it, dropout 0.1 included
+(the model then trains with attention.py's attention, dropout.py's masks).
 
-Step: each variant in a fresh process (train.py's allocator setting, streamgpt.malloc), a warm-up
-step then `--steps` timed ones (forward, backward, AdamW); peak RSS (VmHWM) after building the
-model and optimizer and after the steps, and tokens/s. The variants alternate, `--pairs` times,
-and are compared by the median of their ratios within a pair (this machine's speed drifts).
+Step: each variant in a fresh process (train.py's allocator setting, streamgpt.malloc, unless
+--mmap-threshold), a warm-up step then `--steps` timed ones (forward, backward, AdamW); peak RSS
+(VmHWM) after building the model and optimizer and after the steps, and tokens/s. The variants
+alternate, `--pairs` times, and are compared by the median of their ratios within a pair (this
+machine's speed drifts).
 
 Trainer: with --train-py, also `python train.py experiment=streaming_tutorial` for a few steps
 (with one validation, sample and checkpoint) per variant, its trainer's peak RSS from perf.json.
 
     python scripts/bench_memory.py [--pairs 3] [--steps 4] [--precision bf16-mixed] [--train-py]
+        [--dropout 0.0] [--mmap-threshold 4194304]
 """
 
 from __future__ import annotations
@@ -27,11 +30,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL, VOCAB, BATCH, CHUNK = "streaming_tutorial", 8192, 256, 2048
 
 
-def step_child(loss_chunk: int, steps: int, precision: str) -> dict:
+def step_child(
+    loss_chunk: int, steps: int, precision: str, dropout: float | None, mmap_threshold: int
+) -> dict:
     """One variant, in this (fresh) process."""
     import torch
 
@@ -42,11 +49,14 @@ def step_child(loss_chunk: int, steps: int, precision: str) -> dict:
     sys.path.insert(0, str(REPO / "scripts"))
     from bench_train import load_config
 
-    keep_freed_memory()  # as train.py does
+    keep_freed_memory(**({"mmap_threshold": mmap_threshold} if mmap_threshold else {}))
     from streamgpt.model import GPT
 
     torch.manual_seed(0)
-    cfg = dataclasses.replace(load_config(MODEL, VOCAB), loss_chunk=loss_chunk)
+    config_file = yaml.safe_load((REPO / "conf" / "model" / f"{MODEL}.yaml").read_text())
+    dropout = config_file["dropout"] if dropout is None else dropout
+    # bench_train.load_config sets dropout 0; here the config's own (or --dropout).
+    cfg = dataclasses.replace(load_config(MODEL, VOCAB), loss_chunk=loss_chunk, dropout=dropout)
     model = GPT(cfg)
     optimizer = build_optimizer(model, OptimizerConfig(), "cpu")
     x = torch.randint(0, cfg.vocab_size, (BATCH, cfg.context))
@@ -77,11 +87,16 @@ def step_child(loss_chunk: int, steps: int, precision: str) -> dict:
         "peak_rss_mb": peak_rss_mb(),
         "tokens_per_s": steps * BATCH * cfg.context / elapsed,
         "first_loss": first_loss,
+        "dropout": dropout,
     }
 
 
-def run_step_child(loss_chunk: int, steps: int, precision: str) -> dict:
-    args = ["--child", str(loss_chunk), "--steps", str(steps), "--precision", precision]
+def run_step_child(loss_chunk: int, args: argparse.Namespace) -> dict:
+    args = [
+        *("--child", str(loss_chunk), "--steps", str(args.steps), "--precision", args.precision),
+        *("--mmap-threshold", str(args.mmap_threshold)),
+        *(("--dropout", str(args.dropout)) if args.dropout is not None else ()),
+    ]
     out = subprocess.run(
         [sys.executable, __file__, *args],
         capture_output=True,
@@ -117,22 +132,41 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=CHUNK, help="model.loss_chunk to compare")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument("--train-py", action="store_true")
+    parser.add_argument("--dropout", type=float, help="model.dropout (default: the model config's)")
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=0,
+        help="bytes above which glibc mmaps (and unmaps on free) an allocation; default: "
+        "train.py's streamgpt.malloc setting. Steps only, not --train-py",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(step_child(args.child, args.steps, args.precision)))
+        print(
+            json.dumps(
+                step_child(
+                    args.child, args.steps, args.precision, args.dropout, args.mmap_threshold
+                )
+            )
+        )
         return
 
     variants = (0, args.chunk)
     rows = []
-    print(f"{MODEL}, batch {BATCH} x 64, vocabulary {VOCAB}, {args.precision}, CPU\n")
+    dropout = "the config's dropout" if args.dropout is None else f"dropout {args.dropout}"
+    allocator = f"mmap above {args.mmap_threshold} B" if args.mmap_threshold else "train.py's"
+    print(
+        f"{MODEL}, batch {BATCH} x 64, vocabulary {VOCAB}, {dropout}, {args.precision}, CPU, "
+        f"{allocator} allocator setting\n"
+    )
     print("| pair | loss_chunk | peak RSS MB | after build MB | tokens/s | first loss |")
     print("|---|---|---|---|---|---|")
     for pair in range(args.pairs):
         row = {}
         for chunk in variants if pair % 2 == 0 else variants[::-1]:
-            r = row[chunk] = run_step_child(chunk, args.steps, args.precision)
+            r = row[chunk] = run_step_child(chunk, args)
             print(
                 f"| {pair} | {chunk} | {r['peak_rss_mb']:.0f} | {r['built_rss_mb']:.0f} | "
                 f"{r['tokens_per_s']:.0f} | {r['first_loss']:.4f} |",

@@ -53,3 +53,35 @@ class Linear(nn.Linear):
         ):
             return _CpuBf16Linear.apply(x, self.weight, self.bias)
         return super().forward(x)
+
+
+class _GeluLinear(torch.autograd.Function):
+    """linear(gelu(h), weight), keeping only h for backward: the GELU's output is recomputed
+    there (one elementwise pass) instead of being kept as the Linear's saved input."""
+
+    @staticmethod
+    def forward(ctx, h, weight):
+        ctx.save_for_backward(h, weight)
+        return F.linear(F.gelu(h), weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        flat_grad = grad.reshape(-1, grad.size(-1))
+        grad_w = flat_grad.t() @ F.gelu(h).reshape(-1, h.size(-1))  # the GELU freed at once
+        grad_h = torch.ops.aten.gelu_backward(grad @ weight, h)
+        return grad_h, grad_w
+
+
+def gelu_linear(h: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """layer(F.gelu(h)). A float32 CPU training call keeps h for backward and not also the GELU's
+    output (as large: the MLP's hidden width), 32 MB per layer in the streaming tutorial."""
+    if (
+        h.device.type != "cpu"
+        or layer.bias is not None
+        or torch.is_autocast_enabled("cpu")
+        or h.dtype != layer.weight.dtype
+        or not torch.is_grad_enabled()
+    ):
+        return layer(F.gelu(h))
+    return _GeluLinear.apply(h, layer.weight)

@@ -1,11 +1,12 @@
 """BabyGPT: a decoder-only transformer in one readable file (a pure nn.Module, no Lightning).
 
 Token embedding -> positions (a learned table, or rotary in attention) -> n_layers pre-norm blocks
-of causal self-attention (F.scaled_dot_product_attention; optionally QK-norm) and an MLP (GELU,
-SwiGLU or ReLU^2) -> final norm -> LM head, tied to the embedding or its own. GPT-2
-initialisation, with the residual output projections scaled down by sqrt(2 * n_layers) so the
-residual stream does not grow with depth. QK-norm, ReLU^2 and the untied head are what the
-small-GPT speedruns (modded-nanogpt, nanochat) found helps; all are off by default.
+of causal self-attention (F.scaled_dot_product_attention, or attention.py's when training with
+dropout on a CPU; optionally QK-norm) and an MLP (GELU, SwiGLU or ReLU^2) -> final norm -> LM head,
+tied to the embedding or its own. GPT-2 initialisation, with the residual output projections
+scaled down by sqrt(2 * n_layers) so the residual stream does not grow with depth. QK-norm, ReLU^2
+and the untied head are what the small-GPT speedruns (modded-nanogpt, nanochat) found helps; all
+are off by default.
 
 `generate` samples with a KV cache: a prompt costs one forward pass, then each new token one
 single-position pass. Past the context length every token needs the whole window again (learned
@@ -22,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from streamgpt.linear import Linear
+from streamgpt.attention import causal_dropout_attention, use_chunked
+from streamgpt.dropout import Dropout
+from streamgpt.linear import Linear, gelu_linear
 from streamgpt.losses import chunked_cross_entropy, chunked_token_nll
 
 NORMS = ("layernorm", "rmsnorm")
@@ -170,7 +173,12 @@ class Attention(nn.Module):
             cache.k[layer, :, :, :T] = k
             cache.v[layer, :, :, :T] = v
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        if use_chunked(q, p, causal, mask):  # the CPU's SDPA keeps 4 (B, H, T, T) per layer
+            y = causal_dropout_attention(q, k, v, p)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal
+            )
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -190,7 +198,9 @@ class MLP(nn.Module):
             return self.down(F.silu(gate) * value)
         h = self.up(x)
         # ReLU^2 (So et al. 2021, "Primer"): modded-nanogpt's MLP, ~1-2% better than GELU there.
-        return self.down(F.relu(h).square() if self.kind == "relu2" else F.gelu(h))
+        if self.kind == "relu2":
+            return self.down(F.relu(h).square())
+        return gelu_linear(h, self.down)
 
 
 class Block(nn.Module):
@@ -198,7 +208,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.attn = make_norm(cfg), Attention(cfg)
         self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x, rope=None, cache=None, layer=0) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm1(x), rope, cache, layer))
@@ -213,7 +223,7 @@ class GPT(nn.Module):
         self.pos_emb = (
             nn.Embedding(cfg.context, cfg.d_model) if cfg.positions == "learned" else None
         )
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
