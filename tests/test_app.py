@@ -79,6 +79,10 @@ def test_every_option_of_every_group_composes(override):
     elif override == "source@server.source=mix":
         with pytest.raises(ValueError, match=r"server\.source\.components must be at least one"):
             validate(cfg)  # the components are the user's to give
+    elif override == "trainer=fsdp":  # the demo's Muon needs whole matrices
+        with pytest.raises(ValueError, match="use trainer=ddp .* or optimizer=adamw"):
+            validate(cfg)
+        validate(compose_train([override, "optimizer=adamw"]))
     elif override == "precision=16-mixed" and not torch.cuda.is_available():
         with pytest.raises(ValueError, match="precision=16-mixed needs a GPU"):
             validate(cfg)  # the hardware check belongs to validation too: before any work
@@ -105,7 +109,7 @@ BAD_VALUES = [
     ("optimizer.lr=-1", "optimizer.lr must be positive"),
     ("optimizer.name=sgd", "optimizer.name must be one of"),
     ("optimizer.schedule=linear", "optimizer.schedule must be one of ['cosine', 'wsd']"),
-    ("optimizer.adam_lr=1e-3", "optimizer.adam_lr is the AdamW lr of optimizer=muon;"),
+    ("optimizer.adam_lr=0", "optimizer=muon needs optimizer.adam_lr, positive"),
     ("model.mlp=relu", "model.mlp must be one of ['gelu', 'swiglu', 'relu2']"),
     ("trainer.precision=fp8", "trainer.precision must be one of"),
     ("trainer.accelerator=gpus", "trainer.accelerator must be one of"),

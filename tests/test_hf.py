@@ -36,6 +36,8 @@ CONF = REPO / "conf"
 # A few steps at a high learning rate: weights far enough from their init that a wrong mapping
 # (a transposed matrix, unpermuted rotary rows, the tanh GELU) shows in the logits.
 TRAIN = [
+    "model=babygpt-tiny",  # GPT-2-shaped; the mappings below make the Llama one
+    "optimizer=adamw",
     "model.d_model=32",
     "model.context=48",
     "data.stream.max_length=48",
@@ -201,7 +203,13 @@ def test_an_untied_head_exports_as_its_own_lm_head_with_our_logits(tmp_path, sha
 # -- the way in: model.init_from ------------------------------------------------------------------
 
 HF_SIZE = {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 40, "vocab_size": 100}
-OURS = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.context=40"]
+OURS = [
+    "model=babygpt-tiny",
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.context=40",
+]
 GPT2_SHAPED = ["model.bias=true", "data.stream.max_length=40", "model.vocab_size=128"]
 
 

@@ -73,8 +73,11 @@ def test_many_loggers_tags_a_yaml_callback_and_the_config_tree(tmp_path):
     [wandb_run] = (run / "wandb").glob("offline-run-*")
     assert run_info(wandb_run)["tags"] == ["smoke", "yaml-callback"]
     rows = metrics(run)
-    # One column per parameter group (with and without weight decay), a row per step.
-    lrs = [float(r["lr-AdamW/pg1"]) for r in rows if r.get("lr-AdamW/pg1")]
+    # One column per parameter group (the demo's MuonAdamW: Muon's, AdamW's with and without
+    # weight decay), a row per step.
+    columns = [c for c in rows[0] if c.startswith("lr-") and c.endswith("/pg1")]
+    assert len(columns) == 1, list(rows[0])
+    lrs = [float(r[columns[0]]) for r in rows if r.get(columns[0])]
     assert len(lrs) >= 6 and lrs == sorted(lrs) and lrs[0] > 0, "warmup: rising every step"
     assert len(scalars(run / "tensorboard" / "version_0")["train/loss"]) == 6
     # The resolved config, printed before training starts and kept in the run folder.
@@ -232,12 +235,13 @@ def test_the_nanogpt_cpu_experiment_is_nanogpts_macbook_run():
         cfg = compose("train", overrides=["experiment=nanogpt_cpu"])
     m, o = cfg.model, cfg.optimizer
     assert (m.n_layers, m.n_heads, m.d_model, m.context, m.dropout) == (4, 4, 128, 64, 0.0)
-    assert (m.norm, m.mlp, m.positions, m.bias, m.tie_embeddings) == (
+    assert (m.norm, m.mlp, m.positions, m.bias, m.tie_embeddings, m.qk_norm) == (
         "layernorm",
         "gelu",
         "learned",
         False,
         True,
+        False,
     )
     assert (cfg.data.stream.batch_size, cfg.data.stream.max_length) == (12, 64)
     assert (cfg.trainer.max_steps, o.decay_steps, o.schedule) == (2000, None, "cosine")

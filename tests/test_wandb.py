@@ -68,7 +68,7 @@ def test_a_resumed_run_is_one_wandb_run_with_its_first_name_and_every_attempt(re
     infos = [run_info(f) for f in folders]
     assert len({i["run_id"] for i in infos}) == 1
     assert len({i["display_name"] for i in infos}) == 1
-    assert infos[0]["display_name"].startswith("babygpt-tiny d_model=64 n_layers=2")
+    assert infos[0]["display_name"].startswith("speedrun-tiny d_model=64 n_layers=2")
     assert "max_steps" not in infos[1]["display_name"], "the resume keeps the first name"
     assert len({i["run_group"] for i in infos}) == 1
     # Hydra's files of the first attempt stay; the resume's are kept beside them.
@@ -99,7 +99,7 @@ def test_the_config_is_logged_once_nested_with_what_the_run_used(resumed):
     assert facts["global_batch"] == 8 and facts["tokens_per_step"] == 8 * 64
     assert facts["precision"] == "32-true"
     assert facts["peak_flops"] > 1e9 and "matmul probe" in facts["peak_flops_source"]
-    assert config["optimizer"]["lr"] == 1e-3 and config["data"]["stream"]["batch_size"] == 8
+    assert config["optimizer"]["lr"] == 0.02 and config["data"]["stream"]["batch_size"] == 8  # Muon's
 
 
 @pytest.mark.slow
