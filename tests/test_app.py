@@ -80,7 +80,7 @@ def test_every_option_of_every_group_composes(override):
         with pytest.raises(ValueError, match=r"server\.source\.components must be at least one"):
             validate(cfg)  # the components are the user's to give
     elif override == "trainer=fsdp":  # the demo's Muon needs whole matrices
-        with pytest.raises(ValueError, match="use trainer=ddp .* or optimizer=adamw"):
+        with pytest.raises(ValueError, match=r"use trainer=ddp .* or optimizer=adamw"):
             validate(cfg)
         validate(compose_train([override, "optimizer=adamw"]))
     elif override == "precision=16-mixed" and not torch.cuda.is_available():

@@ -99,7 +99,8 @@ def test_the_config_is_logged_once_nested_with_what_the_run_used(resumed):
     assert facts["global_batch"] == 8 and facts["tokens_per_step"] == 8 * 64
     assert facts["precision"] == "32-true"
     assert facts["peak_flops"] > 1e9 and "matmul probe" in facts["peak_flops_source"]
-    assert config["optimizer"]["lr"] == 0.02 and config["data"]["stream"]["batch_size"] == 8  # Muon's
+    # Muon's lr: the demo's optimizer
+    assert config["optimizer"]["lr"] == 0.02 and config["data"]["stream"]["batch_size"] == 8
 
 
 @pytest.mark.slow
