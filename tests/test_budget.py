@@ -73,6 +73,22 @@ def test_the_timed_schedule_warms_up_in_steps_then_follows_the_clock_from_warmup
     assert factor(5) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_a_timed_schedule_reaches_its_floor_at_max_steps_if_they_come_before_the_deadline(schedule):
+    """A machine fast enough to reach trainer.max_steps (the budget's upper bound) before the
+    budget ends anneals over the steps; otherwise over the time, as before."""
+    clock = SimpleNamespace(now=1000.0, deadline=1100.0)
+    cfg = OptimizerConfig(warmup_steps=4, schedule=schedule, min_lr_ratio=0.1)
+    factor = timed_schedule(cfg, clock, max_steps=14)
+    assert factor(3) == pytest.approx(1.0)
+    assert factor(4) == pytest.approx(1.0)  # warmup ends at 1000 s
+    clock.now = 1010.0  # 10% of the time, 60% of the steps: the steps lead
+    assert factor(10) == pytest.approx(timed_factor(0.6, 0.1, schedule, 0.2))
+    assert factor(14) == pytest.approx(0.1)
+    clock.now = 1090.0  # 90% of the time, 20% of the steps: the time leads
+    assert factor(6) == pytest.approx(timed_factor(0.9, 0.1, schedule, 0.2))
+
+
 def test_a_timed_schedule_keeps_no_clock_in_its_checkpoint(tmp_path):
     """LambdaLR saves an object's attributes; the closure leaves nothing that would not load."""
     weight = torch.nn.Parameter(torch.zeros(2))

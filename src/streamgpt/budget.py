@@ -4,7 +4,8 @@ start (start-up included), whatever the steps per second.
 endings.TimeBudget stops training at the first step end past the budget (validation, samples and
 last.ckpt of that step are written as at any end) and is the clock the lr schedule then follows
 (optim.timed_schedule: warmup in steps, then cosine or wsd over the time left, at the floor when
-the budget ends). trainer.max_steps stays an upper bound. Checked here, before any work.
+the budget ends). trainer.max_steps stays an upper bound: a machine that would reach it first
+anneals over the steps instead. Checked here, before any work.
 """
 
 from __future__ import annotations

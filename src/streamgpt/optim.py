@@ -16,8 +16,9 @@ Schedule, in steps up to `decay_steps` (default: the run's max_steps), flat at i
 (warmup-stable-decay, modded-nanogpt's "trapezoidal"), linear warmup, flat at `lr`, then linear
 decay to the floor over the last `decay_fraction` of the steps. With a wall-clock budget
 (trainer.budget_s) the schedule follows time instead: warmup in steps, then its progress is the
-share of the time from warmup's end to the budget's end spent, so it reaches the floor when the
-budget ends whatever the steps per second (`timed_schedule`).
+share of the time from warmup's end to the budget's end spent (or of the steps to max_steps, if
+further), so it reaches the floor when the budget ends whatever the steps per second
+(`timed_schedule`).
 """
 
 from __future__ import annotations
@@ -254,9 +255,13 @@ def timed_factor(progress: float, floor: float, schedule: str, fraction: float) 
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def timed_schedule(cfg: OptimizerConfig, clock: Clock) -> Callable[[int], float]:
+def timed_schedule(
+    cfg: OptimizerConfig, clock: Clock, max_steps: int | None = None
+) -> Callable[[int], float]:
     """The lr multiplier at a step when a wall-clock budget sets the run's length: linear warmup
-    over `warmup_steps`, then timed_factor of the time spent since warmup ended."""
+    over `warmup_steps`, then timed_factor of the time spent since warmup ended, or of the steps
+    done towards `max_steps` (trainer.max_steps, the budget's upper bound) when they are further
+    along: on a machine fast enough to reach max_steps first, the lr still reaches its floor."""
     warmup, ended = cfg.warmup_steps, []
 
     # A closure, not an object: LambdaLR saves an object's attributes in the checkpoint.
@@ -266,6 +271,8 @@ def timed_schedule(cfg: OptimizerConfig, clock: Clock) -> Callable[[int], float]
         if not ended:
             ended.append(clock.now)  # warmup's end: the schedule's time starts here
         progress = time_progress(clock.now, ended[0], clock.deadline)
+        if max_steps:
+            progress = max(progress, min(1.0, (step - warmup) / max(1, max_steps - warmup)))
         return timed_factor(progress, cfg.min_lr_ratio, cfg.schedule, cfg.decay_fraction)
 
     return factor
@@ -276,7 +283,7 @@ def build_schedule(
 ) -> LambdaLR:
     """The lr schedule over `max_steps` (or optimizer.decay_steps); over time with a `clock`."""
     if clock is not None:
-        return LambdaLR(optimizer, timed_schedule(cfg, clock))
+        return LambdaLR(optimizer, timed_schedule(cfg, clock, max_steps))
     decay = cfg.decay_steps or max_steps
     if decay is None or decay <= 0:
         raise ValueError(
