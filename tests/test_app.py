@@ -371,7 +371,7 @@ def test_help_lists_the_groups_as_a_user_types_them():
     )
     assert done.returncode == 0
     assert "source@server.source=shakespeare|files|fineweb" in done.stdout
-    assert "model=babygpt-tiny|babygpt|gpt2-small|streaming_tutorial" in done.stdout
+    assert "model=speedrun-tiny|babygpt|babygpt-tiny|gpt2-small|streaming_tutorial" in done.stdout
     assert "precision=32-true|" in done.stdout and "hparams_search=null|optuna" in done.stdout
     assert "_schema" not in done.stdout
     assert "130 / 143" in done.stdout  # the exit codes
