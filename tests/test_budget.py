@@ -178,6 +178,7 @@ def test_ddp_ranks_share_the_budget_and_stop_after_the_same_step(tmp_path):
     run = tmp_path / "run"
     ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
     options = ["trainer.budget_s=40", "trainer.max_steps=100000", "optimizer.warmup_steps=2"]
+    options += ["optimizer.lr=1e-3"]  # the floor below is min_lr_ratio 0.1 of it
     done = train(run, *ddp, *options, "trainer.val_every=1000", "callbacks.checkpoint_every=1000")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads((run / "budget.json").read_text())
