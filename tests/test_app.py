@@ -471,5 +471,5 @@ def test_an_optuna_search_rerun_from_elsewhere_adds_new_trials_each_its_own_wand
         runs = [next((sweep / job / "wandb").glob("offline-run-*")) for job in ("0", "1")]
         infos = [run_info(r) for r in runs]
         assert infos[0]["run_id"] != infos[1]["run_id"], "each trial is its own W&B run"
-        assert infos[0]["run_group"] == infos[1]["run_group"] == f"babygpt-tiny/sweep-{sweep.name}"
+        assert infos[0]["run_group"] == infos[1]["run_group"] == f"speedrun-tiny/sweep-{sweep.name}"
     assert not set(params[0]) & set(params[1]), f"the rerun proposed new parameters: {params}"
