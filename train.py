@@ -18,7 +18,7 @@ from omegaconf.errors import MissingMandatoryValue
 from streamgpt import config_tree
 from streamgpt.config import check_command_line, register_configs
 from streamgpt.headstart import HeadStart, global_rank, local_rank
-from streamgpt.malloc import keep_freed_memory
+from streamgpt.malloc import allocator
 from streamgpt.perf import STARTUP
 from streamgpt.signals import SIGNALS, Stopped
 
@@ -33,12 +33,12 @@ def main(cfg: DictConfig) -> float | None:
     from streamgpt.data.client import StreamError
 
     log = logging.getLogger("streamgpt")
-    keep_freed_memory()  # steps reuse their buffers instead of faulting in fresh pages each time
     if any(phase == "config composed and checked" for phase, _ in STARTUP.marks):
         STARTUP.restart()  # the next job of a multirun
     SIGNALS.install()  # SIGINT / SIGTERM: stop now before training, after a checkpoint during it
     try:
         validate(cfg)  # before importing Lightning: a bad value costs seconds, not a long import
+        allocator(cfg.trainer.malloc)  # steps reuse freed buffers (speed) or return large ones
         if cfg.print_config and global_rank() == 0 and local_rank() == 0:
             config_tree.show(cfg, Path(cfg.paths.output_dir))
         STARTUP.mark("config composed and checked")

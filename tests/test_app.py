@@ -114,6 +114,7 @@ BAD_VALUES = [
     ("trainer.precision=fp8", "trainer.precision must be one of"),
     ("trainer.accelerator=gpus", "trainer.accelerator must be one of"),
     ("trainer.deterministic=yes", "trainer.deterministic must be true, false or warn"),
+    ("trainer.malloc=fast", "trainer.malloc must be speed or memory, got 'fast'"),
     ("trainer.limit_val_batches=1.5", "trainer.limit_val_batches must be a fraction"),
     ("trainer.max_steps=0", "trainer.max_steps must be positive"),
     ("callbacks.checkpoint_every=150", "callbacks.checkpoint_every=150 must be a multiple"),

@@ -23,6 +23,7 @@ from streamgpt.data import tokenizer as tokenizers
 from streamgpt.data.config import StreamConfig, TokenizerConfig
 from streamgpt.hf_init import check_init_from
 from streamgpt.linear import cpu_has_native_bf16
+from streamgpt.malloc import MODES as MALLOC_MODES
 from streamgpt.model import GPTConfig
 from streamgpt.optim import OptimizerConfig
 from streamgpt.server.config import CONF as SERVER_CONF
@@ -65,6 +66,7 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     deterministic: Any = False
     progress_bar: bool = True
+    malloc: str = "speed"  # speed | memory: glibc keeps freed buffers, or returns those >= 4 MiB
     # null | simple | advanced | pytorch | {_target_: a lightning.pytorch.profilers class, ...}
     profiler: Any = None
     # Any other lightning.Trainer argument, passed through as is.
@@ -256,6 +258,7 @@ def _trainer(trainer: Any) -> None:
         f"one of {list(ACCELERATORS)}",
         accelerator,
     )
+    require(trainer.malloc in MALLOC_MODES, "trainer.malloc", "speed or memory", trainer.malloc)
     determinism = trainer.deterministic
     require(
         determinism in (True, False, "warn"),
