@@ -3,17 +3,18 @@
 vocabulary 8192, the streaming_tutorial model as its config file has it, dropout 0.1 included
 (the model then trains with attention.py's attention, dropout.py's masks).
 
-Step: each variant in a fresh process (train.py's allocator setting, streamgpt.malloc, unless
---mmap-threshold), a warm-up step then `--steps` timed ones (forward, backward, AdamW); peak RSS
-(VmHWM) after building the model and optimizer and after the steps, and tokens/s. The variants
-alternate, `--pairs` times, and are compared by the median of their ratios within a pair (this
-machine's speed drifts).
+Step: each variant in a fresh process with the tutorial's allocator setting (trainer.malloc, as
+train.py sets it: streamgpt.malloc), a warm-up step then `--steps` timed ones (forward, backward,
+AdamW); peak RSS (VmHWM) after building the model and optimizer and after the steps, and tokens/s.
+The variants (full logits, the chunked loss, and the chunked loss with the other trainer.malloc
+setting) alternate, `--pairs` times, and are compared with the full logits by the median of their
+ratios within a pair (this machine's speed drifts).
 
 Trainer: with --train-py, also `python train.py experiment=streaming_tutorial` for a few steps
 (with one validation, sample and checkpoint) per variant, its trainer's peak RSS from perf.json.
 
     python scripts/bench_memory.py [--pairs 3] [--steps 4] [--precision bf16-mixed] [--train-py]
-        [--dropout 0.0] [--mmap-threshold 4194304]
+        [--dropout 0.0]
 """
 
 from __future__ import annotations
@@ -34,22 +35,24 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL, VOCAB, BATCH, CHUNK = "streaming_tutorial", 8192, 256, 2048
+EXPERIMENT = yaml.safe_load((REPO / "conf" / "experiment" / f"{MODEL}.yaml").read_text())
+MALLOC = EXPERIMENT["trainer"]["malloc"]  # the tutorial's trainer.malloc
 
 
 def step_child(
-    loss_chunk: int, steps: int, precision: str, dropout: float | None, mmap_threshold: int
+    loss_chunk: int, malloc: str, steps: int, precision: str, dropout: float | None
 ) -> dict:
     """One variant, in this (fresh) process."""
     import torch
 
-    from streamgpt.malloc import keep_freed_memory
+    from streamgpt.malloc import allocator
     from streamgpt.optim import OptimizerConfig, build_optimizer
     from streamgpt.perf import peak_rss_mb
 
     sys.path.insert(0, str(REPO / "scripts"))
     from bench_train import load_config
 
-    keep_freed_memory(**({"mmap_threshold": mmap_threshold} if mmap_threshold else {}))
+    allocator(malloc)
     from streamgpt.model import GPT
 
     torch.manual_seed(0)
@@ -83,6 +86,7 @@ def step_child(
     elapsed = time.perf_counter() - started
     return {
         "loss_chunk": loss_chunk,
+        "malloc": malloc,
         "built_rss_mb": built,
         "peak_rss_mb": peak_rss_mb(),
         "tokens_per_s": steps * BATCH * cfg.context / elapsed,
@@ -91,10 +95,10 @@ def step_child(
     }
 
 
-def run_step_child(loss_chunk: int, args: argparse.Namespace) -> dict:
+def run_step_child(loss_chunk: int, malloc: str, args: argparse.Namespace) -> dict:
     args = [
-        *("--child", str(loss_chunk), "--steps", str(args.steps), "--precision", args.precision),
-        *("--mmap-threshold", str(args.mmap_threshold)),
+        *("--child", f"{loss_chunk}:{malloc}", "--steps", str(args.steps)),
+        *("--precision", args.precision),
         *(("--dropout", str(args.dropout)) if args.dropout is not None else ()),
     ]
     out = subprocess.run(
@@ -107,9 +111,10 @@ def run_step_child(loss_chunk: int, args: argparse.Namespace) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def train_py(run_dir: Path, loss_chunk: int, steps: int = 5) -> float:
+def train_py(run_dir: Path, loss_chunk: int, malloc: str, steps: int = 5) -> float:
     """Trainer peak RSS (MB) of a short real run of the tutorial."""
     overrides = [f"trainer.max_steps={steps}", f"model.loss_chunk={loss_chunk}"]
+    overrides += [f"trainer.malloc={malloc}"]
     overrides += [f"{k}={steps}" for k in ("trainer.val_every", "callbacks.sample_every")]
     overrides += [f"callbacks.checkpoint_every={steps}", "logger=none"]
     command = [sys.executable, "train.py", "experiment=streaming_tutorial"]
@@ -133,61 +138,52 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument("--train-py", action="store_true")
     parser.add_argument("--dropout", type=float, help="model.dropout (default: the model config's)")
-    parser.add_argument(
-        "--mmap-threshold",
-        type=int,
-        default=0,
-        help="bytes above which glibc mmaps (and unmaps on free) an allocation; default: "
-        "train.py's streamgpt.malloc setting. Steps only, not --train-py",
-    )
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(
-            json.dumps(
-                step_child(
-                    args.child, args.steps, args.precision, args.dropout, args.mmap_threshold
-                )
-            )
-        )
+        chunk, malloc = args.child.split(":")
+        print(json.dumps(step_child(int(chunk), malloc, args.steps, args.precision, args.dropout)))
         return
 
-    variants = (0, args.chunk)
+    other = "speed" if MALLOC == "memory" else "memory"
+    variants = [(0, MALLOC), (args.chunk, MALLOC), (args.chunk, other)]
+    names = [f"loss_chunk={c}, trainer.malloc={m}" for c, m in variants]
     rows = []
     dropout = "the config's dropout" if args.dropout is None else f"dropout {args.dropout}"
-    allocator = f"mmap above {args.mmap_threshold} B" if args.mmap_threshold else "train.py's"
-    print(
-        f"{MODEL}, batch {BATCH} x 64, vocabulary {VOCAB}, {dropout}, {args.precision}, CPU, "
-        f"{allocator} allocator setting\n"
-    )
-    print("| pair | loss_chunk | peak RSS MB | after build MB | tokens/s | first loss |")
+    print(f"{MODEL}, batch {BATCH} x 64, vocabulary {VOCAB}, {dropout}, {args.precision}, CPU\n")
+    print("| pair | variant | peak RSS MB | after build MB | tokens/s | first loss |")
     print("|---|---|---|---|---|---|")
     for pair in range(args.pairs):
         row = {}
-        for chunk in variants if pair % 2 == 0 else variants[::-1]:
-            r = row[chunk] = run_step_child(chunk, args)
+        for i in range(len(variants)) if pair % 2 == 0 else reversed(range(len(variants))):
+            r = row[i] = run_step_child(*variants[i], args)
             print(
-                f"| {pair} | {chunk} | {r['peak_rss_mb']:.0f} | {r['built_rss_mb']:.0f} | "
+                f"| {pair} | {names[i]} | {r['peak_rss_mb']:.0f} | {r['built_rss_mb']:.0f} | "
                 f"{r['tokens_per_s']:.0f} | {r['first_loss']:.4f} |",
                 flush=True,
             )
         rows.append(row)
-    speed = statistics.median(r[args.chunk]["tokens_per_s"] / r[0]["tokens_per_s"] for r in rows)
-    peak = {c: statistics.median(r[c]["peak_rss_mb"] for r in rows) for c in variants}
-    print(
-        f"\nmedian peak RSS: full logits {peak[0]:.0f} MB, loss_chunk={args.chunk} "
-        f"{peak[args.chunk]:.0f} MB; tokens/s chunked / full: {speed:.3f} (median of "
-        f"{args.pairs} pairs)"
-    )
-    results = {"steps": rows, "speed_ratio": speed, "peak_rss_mb": peak}
+    print()
+    summary = []
+    for i, name in enumerate(names):
+        speed = statistics.median(r[i]["tokens_per_s"] / r[0]["tokens_per_s"] for r in rows)
+        peak = statistics.median(r[i]["peak_rss_mb"] for r in rows)
+        summary.append({"variant": name, "peak_rss_mb": peak, "speed_vs_full_logits": speed})
+        print(
+            f"{name}: median peak RSS {peak:.0f} MB, tokens/s / full logits' {speed:.3f} "
+            f"(median of {args.pairs} pairs)"
+        )
+    results = {"steps": [{names[i]: r[i] for i in r} for r in rows], "summary": summary}
     if args.train_py:
         with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
-            trainer = {c: train_py(Path(tmp) / f"chunk{c}", c) for c in variants}
-        print(
-            f"train.py experiment=streaming_tutorial, 5 steps: trainer peak RSS {trainer[0]:.0f} "
-            f"MB with full logits, {trainer[args.chunk]:.0f} MB with loss_chunk={args.chunk}"
-        )
+            trainer = {
+                names[i]: train_py(Path(tmp) / f"variant{i}", *variants[i])
+                for i in range(len(variants))
+            }
+        print("\ntrain.py experiment=streaming_tutorial, 5 steps: trainer peak RSS")
+        for name, peak in trainer.items():
+            print(f"  {name}: {peak:.0f} MB")
         results["train_py_peak_rss_mb"] = trainer
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
