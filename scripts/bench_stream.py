@@ -1,6 +1,6 @@
 """What the live stream costs a training run: tokens/s fed from the stream vs from memory.
 
-For each experiment (the CPU demo's `babygpt-tiny`, `experiment=streaming_tutorial`), the config is
+For each experiment (the CPU demo, `experiment=streaming_tutorial`), the config is
 composed as `train.py` composes it and trained by the same Trainer, callbacks and GPTModule twice
 over: once from the live stream (embedded server process + StreamDataModule: requests, JSON,
 tokenizer, packing), once from the very same batches already in memory as token tensors. After
@@ -36,7 +36,7 @@ from streamgpt.data.stream_setup import StreamSetup
 from streamgpt.flops import device_peak
 from streamgpt.headstart import RunInputs, launch_embedded_server
 from streamgpt.lit_module import GPTModule, pad_vocab
-from streamgpt.malloc import keep_freed_memory
+from streamgpt.malloc import allocator
 from streamgpt.run import build_callbacks, build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,6 +86,7 @@ class MemoryData(L.LightningDataModule):
     """The same (x, y) batches, already token tensors in memory (and the same tokenizer)."""
 
     finite = False  # an endless stream, as the other arm's (StreamEndSync reads it)
+    components = ()  # one source, as the other arm's (MixtureTokens reads it)
 
     def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]):
         super().__init__()
@@ -140,6 +141,7 @@ def bench(name: str, pairs: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
         run_dir = Path(tmp)
         cfg = compose_run(overrides, run_dir)
+        allocator(cfg.trainer.malloc)  # as train.py does
         server = launch_embedded_server(cfg, run_dir).wait_ready()
         try:
             stream = OmegaConf.merge(cfg.data.stream, {"url": [server.url]})
@@ -200,7 +202,6 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=8, help="stream/memory pairs per experiment")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    keep_freed_memory()  # as train.py does
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
