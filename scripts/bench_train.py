@@ -5,9 +5,12 @@ gpt2-small) in fp32 and bf16-mixed, eager and torch.compile'd: training tokens/s
 backward, AdamW step on batches already in memory) and MFU against the matmul peak of the same
 dtype measured in this run. Then generation tokens/s for 256 new tokens with and without the KV
 cache. On a CPU, first the allocator A/B: the CPU demo's step with glibc's default allocator and
-with streamgpt.malloc's setting, in fresh processes.
+with streamgpt.malloc's setting, in fresh processes; then the GELU A/B: fp32 GELU MLPs keep only
+their input for backward and recompute the GELU there (linear.gelu_linear), against keeping both,
+steps alternating in one process.
 
     python scripts/bench_train.py [--models babygpt-tiny,babygpt] [--seconds 6] [--no-compile]
+        [--ab-only]
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import yaml
 
+import streamgpt.model
 from streamgpt.flops import matmul_flops
 from streamgpt.malloc import keep_freed_memory
 from streamgpt.model import GPT, GPTConfig
@@ -165,11 +170,49 @@ def allocator_ab(pairs: int, seconds: float) -> dict:
     }
 
 
+def gelu_recompute_ab(steps: int = 20) -> dict:
+    """Step time with the MLP's GELU recomputed in backward (the model's gelu_linear) and kept
+    (layer(F.gelu(h)), autograd's way), steps alternating in one process (this machine's drift
+    hits both alike). What it saves in memory: scripts/bench_memory.py's and bench_startup.py's
+    peak RSS."""
+    recompute = streamgpt.model.gelu_linear
+    variants = {"recompute": recompute, "kept": lambda h, layer: layer(F.gelu(h))}
+    results = {}
+    try:
+        for name in ("babygpt-tiny", "streaming_tutorial", "babygpt"):
+            torch.manual_seed(0)
+            cfg = load_config(name)
+            model = GPT(cfg)
+            optimizer = build_optimizer(model, OptimizerConfig(), DEVICE)
+            x = torch.randint(0, cfg.vocab_size, (BATCH[name], cfg.context))
+            y = torch.randint(0, cfg.vocab_size, (BATCH[name], cfg.context))
+            times: dict[str, list[float]] = {v: [] for v in variants}
+            for i in range(4 + steps):  # 4 warm-up steps, two of each
+                variant = ("recompute", "kept")[i % 2]
+                streamgpt.model.gelu_linear = variants[variant]
+                started = time.perf_counter()
+                _, loss = model(x, y)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if i >= 4:
+                    times[variant].append(time.perf_counter() - started)
+            ratios = sorted(k / r for k, r in zip(times["kept"], times["recompute"], strict=True))
+            results[name] = {
+                "speed_recompute_over_kept": ratios[len(ratios) // 2],
+                "ratios": ratios,
+            }
+    finally:
+        streamgpt.model.gelu_linear = recompute
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=MODELS)
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per setting")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--ab-only", action="store_true", help="only the CPU A/Bs")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--allocator-step", choices=["default", "tuned"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -179,6 +222,8 @@ def main() -> None:
         return
     ab = allocator_ab(3, args.seconds) if DEVICE == "cpu" else None
     keep_freed_memory()  # as train.py does
+    gelu = gelu_recompute_ab() if DEVICE == "cpu" else None
+    models = [] if args.ab_only else args.models.split(",")
 
     # This machine's speed drifts by 2x over minutes (a shared host), so each setting's MFU is
     # taken against the matmul peak of its dtype measured right before and right after it.
@@ -190,9 +235,13 @@ def main() -> None:
     }
     print(DEVICE, torch.cuda.get_device_name() if DEVICE == "cuda" else "", end=" ")
     print(f"{torch.get_num_threads()} threads")
-    print("\n| model | precision | compile | tokens/s | matmul peak GFLOP/s | MFU | first step s |")
-    print("|---|---|---|---|---|---|---|")
-    for name in args.models.split(","):
+    if models:
+        print(
+            "\n| model | precision | compile | tokens/s | matmul peak GFLOP/s | MFU "
+            "| first step s |"
+        )
+        print("|---|---|---|---|---|---|---|")
+    for name in models:
         for dtype, label in ((torch.float32, "32-true"), (torch.bfloat16, "bf16-mixed")):
             for compiled in (False,) if args.no_compile else (False, True):
                 before = matmul_flops(DEVICE, dtype)
@@ -212,9 +261,10 @@ def main() -> None:
                     f"{r['first_step_s']:.1f} |",
                     flush=True,
                 )
-    print("\n| model | generation tokens/s, KV cache | recompute | speedup (256 new tokens) |")
-    print("|---|---|---|---|")
-    for name in args.models.split(","):
+    if models:
+        print("\n| model | generation tokens/s, KV cache | recompute | speedup (256 new tokens) |")
+        print("|---|---|---|---|")
+    for name in models:
         g = generation_speed(name)
         results["generate"][name] = g
         print(f"| {name} | {g['cached']:.0f} | {g['recompute']:.0f} | {g['speedup']:.1f}x |")
@@ -226,6 +276,13 @@ def main() -> None:
             f"pairs); minor page faults per step {faults['default']:.0f} -> {faults['tuned']:.0f}"
         )
         results["allocator"] = ab
+    if gelu is not None:
+        print("\nfp32 GELU MLP, GELU recomputed in backward vs kept: tokens/s ratio, median of 10")
+        print("alternating step pairs (range):")
+        for name, r in gelu.items():
+            lo, hi = r["ratios"][0], r["ratios"][-1]
+            print(f"  {name} {r['speed_recompute_over_kept']:.3f} ({lo:.2f}-{hi:.2f})")
+        results["gelu_recompute"] = gelu
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
 
