@@ -4,15 +4,13 @@ speed), or, from 4 MiB up, returned to the system (trainer.malloc memory)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from .helpers.runs import train
 
 # Allocate, touch and free a 48 MB buffer again and again, as training steps do with their logits;
 # count the page faults of the last 10 times (the heap takes a few rounds to settle).
@@ -70,15 +68,7 @@ def test_the_streaming_tutorial_trains_in_at_most_1_gib(tmp_path):
     run = tmp_path / "run"
     steps = ["trainer.max_steps=6", "trainer.val_every=3", "callbacks.sample_every=6"]
     steps += ["callbacks.checkpoint_every=6", "logger=none", "trainer.progress_bar=false"]
-    command = [sys.executable, "train.py", "experiment=streaming_tutorial", f"hydra.run.dir={run}"]
-    done = subprocess.run(
-        [*command, *steps],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "WANDB_API_KEY": ""},
-    )
+    done = train(run, "experiment=streaming_tutorial", *steps, small=False, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 6 and ckpt["tokens_seen"] == 6 * 256 * 64  # six full steps
